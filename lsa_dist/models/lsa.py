@@ -1,0 +1,480 @@
+"""The LSA network: shifted patch embedding, local shift attention, global attention.
+
+Plain PyTorch: no I/O, no distributed code. Activation checkpointing, precision and
+sharding are applied from outside (see `LSA.blocks()`).
+
+Tensor layouts used throughout:
+  images  (B, C, H, W)
+  copies  (B, N, S, D)   S shifted copies of every token, shifts next to each other
+  tokens  (B, N, D)      N tokens in row-major grid order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import nn
+
+# (dy, dx) offsets of the shifted copies. The first entry is the image itself: its
+# tokens are the residual stream; the others only serve as keys and values.
+IMAGENET_SHIFTS: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (0, 1),
+    (0, 2),
+    (0, 3),
+    (1, 0),
+    (2, 0),
+    (3, 0),
+    (1, 1),
+    (2, 2),
+    (3, 3),
+)
+CIFAR_SHIFTS: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (1, 0),
+    (0, 1),
+    (-1, 0),
+    (0, -1),
+    (2, 0),
+    (0, 2),
+    (-2, 0),
+    (0, -2),
+    (1, 1),
+    (1, 2),
+    (1, -1),
+    (-1, 1),
+    (-1, 2),
+    (-1, -1),
+    (2, 1),
+    (2, 2),
+    (2, -1),
+)
+SHIFT_MODES = ("pad", "roll")
+LN_EPS = 1e-6
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot be built, with the offending field named."""
+
+
+@dataclass(frozen=True)
+class LSAConfig:
+    """Constructor arguments of an LSA network.
+
+    `shift_mode="pad"` makes copy (dy, dx) by circularly padding dy rows on top and dx
+    columns on the left (the copy grows by that much); `"roll"` rolls the image by
+    (dy, dx) with wrap-around (same size).
+    """
+
+    image_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    patch_kernel: int = 9
+    patch_stride: int = 7
+    patch_padding: int = 1
+    shifts: tuple[tuple[int, int], ...] = IMAGENET_SHIFTS
+    shift_mode: str = "pad"
+    widths: tuple[int, ...] = (192, 192, 192, 192)
+    heads: tuple[int, ...] = (4, 4, 4, 4)
+    depths: tuple[int, ...] = (2, 4, 4, 4)
+    shared_kv: bool = False
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    drop_path_mode: str = "uniform"
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("shifts", "widths", "heads", "depths"):
+            value = getattr(self, name)
+            if name == "shifts":
+                value = tuple(tuple(int(v) for v in s) for s in value)
+            else:
+                value = tuple(int(v) for v in value)
+            object.__setattr__(self, name, value)
+        self.validate()
+
+    @property
+    def num_shifts(self) -> int:
+        return len(self.shifts)
+
+    @property
+    def grid_sizes(self) -> tuple[int, ...]:
+        """Tokens per side at each stage (max-pool 3/2/1 between stages: ceil(n/2))."""
+        n = conv_out_size(self.image_size, self.patch_kernel, self.patch_stride, self.patch_padding)
+        sizes = [n]
+        for _ in self.widths[1:]:
+            n = (n - 1) // 2 + 1
+            sizes.append(n)
+        return tuple(sizes)
+
+    def validate(self) -> None:
+        """Raise ModelConfigError naming the first field that makes the model impossible."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ModelConfigError(f"model.{key}: {msg}")
+
+        if self.shift_mode not in SHIFT_MODES:
+            fail("shift_mode", f"must be one of {SHIFT_MODES}, got {self.shift_mode!r}")
+        if self.drop_path_mode not in ("uniform", "linear"):
+            fail("drop_path_mode", f"must be 'uniform' or 'linear', got {self.drop_path_mode!r}")
+        if not self.shifts or self.shifts[0] != (0, 0):
+            fail("shifts", "the first shift must be (0, 0): the unshifted image is the residual stream")
+        if any(len(s) != 2 for s in self.shifts):
+            fail("shifts", "every shift is a (dy, dx) pair")
+        if len(set(self.shifts)) != len(self.shifts):
+            fail("shifts", "shifts must be distinct")
+        if self.shift_mode == "pad" and any(dy < 0 or dx < 0 for dy, dx in self.shifts):
+            fail("shifts", "circular-pad shifts pad on top/left and must be >= 0; use shift_mode=roll")
+        stages = len(self.widths)
+        if stages == 0:
+            fail("widths", "at least one stage is needed")
+        for name in ("heads", "depths"):
+            if len(getattr(self, name)) != stages:
+                fail(name, f"has {len(getattr(self, name))} entries but widths has {stages} stages")
+        if any(d < 1 for d in self.depths):
+            fail("depths", "every stage needs at least one block")
+        for i, (w, h) in enumerate(zip(self.widths, self.heads)):
+            if h < 1 or w % h:
+                fail("heads", f"stage {i}: width {w} is not divisible by {h} heads")
+        for name in ("image_size", "in_chans", "num_classes", "patch_kernel", "patch_stride"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        if self.patch_padding < 0:
+            fail("patch_padding", "must be >= 0")
+        size, k, s, p = self.image_size, self.patch_kernel, self.patch_stride, self.patch_padding
+        if size + 2 * p < k:
+            fail("image_size", f"{size}px is smaller than the patch kernel {k} (padding {p})")
+        grid = conv_out_size(size, k, s, p)
+        for dy, dx in self.shifts:
+            for extra, axis in ((dy, "rows"), (dx, "columns")):
+                copy_size = size + (extra if self.shift_mode == "pad" else 0)
+                if conv_out_size(copy_size, k, s, p) != grid:
+                    fail(
+                        "image_size",
+                        f"{size}px does not tile: the copy shifted by {extra} {axis} gives a "
+                        f"{conv_out_size(copy_size, k, s, p)}-token grid, the image a {grid}-token "
+                        f"grid (kernel {k}, stride {s}, padding {p}); pick an image size where both agree",
+                    )
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class ShiftedPatchEmbed(nn.Module):
+    """S shifted copies of the image, each embedded by its own convolution, plus a
+    positional table per copy.
+
+    Returns the residual stream (copy 0, (B, N, D)) and all copies stacked (B, N, S, D).
+    Copy 0 is returned as the tensor the stack was built from, so its gradient never
+    needs a zero-filled (B, N, S, D) buffer. One grouped convolution over all copies was
+    measured slower than S plain ones on CPU (oneDNN), so the copies are convolved in turn.
+    """
+
+    def __init__(self, cfg: LSAConfig) -> None:
+        super().__init__()
+        self.shifts = cfg.shifts
+        self.shift_mode = cfg.shift_mode
+        self.in_chans = cfg.in_chans
+        self.image_size = cfg.image_size
+        self.proj = nn.ModuleList(
+            nn.Conv2d(cfg.in_chans, cfg.widths[0], cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding)
+            for _ in cfg.shifts
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_shifts, cfg.grid_sizes[0] ** 2, cfg.widths[0]))
+
+    def shifted(self, images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        """The copy of `images` shifted by (dy, dx) in this model's shift mode."""
+        if dy == 0 and dx == 0:
+            return images
+        if self.shift_mode == "pad":
+            return F.pad(images, (dx, 0, dy, 0), mode="circular")
+        return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, c, h, w = images.shape
+        if (c, h, w) != (self.in_chans, self.image_size, self.image_size):
+            raise ValueError(
+                f"LSA expects images of shape (B, {self.in_chans}, {self.image_size}, {self.image_size}), "
+                f"got {tuple(images.shape)}; resize or crop the input to {self.image_size}px"
+            )
+        tokens = [
+            conv(self.shifted(images, dy, dx)).flatten(2).transpose(1, 2) + pos
+            for (dy, dx), conv, pos in zip(self.shifts, self.proj, self.pos_embed)
+        ]
+        return tokens[0], torch.stack(tokens, dim=2)
+
+
+class _ShiftMix(torch.autograd.Function):
+    """softmax(q_in @ rows^T) @ rows for many tiny (H x D) x (D x S) problems.
+
+    Autograd's backward for the same two bmm's writes the gradient of `rows` twice, once
+    in a transposed layout; here both terms come from one bmm (about 1.5x faster).
+    """
+
+    @staticmethod
+    def forward(ctx, q_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        attn = torch.bmm(q_in, rows.transpose(1, 2)).softmax(dim=-1)
+        ctx.save_for_backward(q_in, rows, attn)
+        return torch.bmm(attn, rows)
+
+    @staticmethod
+    def backward(ctx, grad_mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        q_in, rows, attn = ctx.saved_tensors
+        grad_attn = torch.bmm(grad_mixed, rows.transpose(1, 2))
+        grad_scores = attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
+        grad_q = torch.bmm(grad_scores, rows)
+        lhs = torch.cat([grad_scores, attn], dim=1).transpose(1, 2)
+        grad_rows = torch.bmm(lhs, torch.cat([q_in, grad_mixed], dim=1))
+        return grad_q, grad_rows
+
+
+class ShiftAttention(nn.Module):
+    """Local shift attention: each token attends over its own S shifted copies only.
+
+    The query comes from copy 0; keys and values from all copies at the same position,
+    so the cost is O(N*S) with no N x N term. Instead of projecting all S copies to keys
+    and values (S*N*D*D multiply-adds each), the query is mapped back through the key
+    weight (q W_k) and the attention-weighted mix of copies through the value weight:
+    the same function at a fraction of the cost. A key bias would add the same constant
+    to every shift's score and cancel in the softmax, so there is none.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, shared_kv: bool, qkv_bias: bool, attn_drop: float, proj_drop: float
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kv_heads = 1 if shared_kv else num_heads
+        self.scale = self.head_dim**-0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, query: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        """query: normalised copy 0 (B, N, D); copies: normalised (B, N, S, D). Returns (B, N, D)."""
+        b, n, s, d = copies.shape
+        h, e, hk = self.num_heads, self.head_dim, self.kv_heads
+        rows = copies.reshape(b * n, s, d)
+        q = self.q(query).reshape(b * n, h, e) * self.scale
+        w_k = self.k.weight.view(hk, e, d)
+        w_v = self.v.weight.view(hk, e, d)
+        if hk == 1:
+            q_in = q @ w_k[0]  # (BN, H, D)
+        else:
+            q_in = torch.einsum("mhe,hed->mhd", q, w_k).contiguous()
+        if self.training and self.attn_drop.p > 0:
+            attn = torch.bmm(q_in, rows.transpose(1, 2)).softmax(dim=-1)
+            mixed = torch.bmm(self.attn_drop(attn), rows)
+        else:
+            mixed = _ShiftMix.apply(q_in, rows)  # (BN, H, D)
+        if hk == 1:
+            out = mixed @ w_v[0].t()
+        else:
+            out = torch.einsum("mhd,hed->mhe", mixed, w_v)
+        if self.v.bias is not None:
+            out = out + self.v.bias.view(hk, e)
+        return self.proj_drop(self.proj(out.reshape(b, n, d)))
+
+
+class GlobalAttention(nn.Module):
+    """Multi-head self-attention over all tokens of a stage (fused kernel via SDPA).
+
+    With `shared_kv`, one key/value head serves every query head (multi-query attention).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, shared_kv: bool, qkv_bias: bool, attn_drop: float, proj_drop: float
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kv_heads = 1 if shared_kv else num_heads
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h, e, hk = self.num_heads, self.head_dim, self.kv_heads
+        # split/unbind rather than slicing: their backward concatenates instead of
+        # zero-filling a full-size gradient per slice.
+        q, k, v = self.qkv(x).split([d, hk * e, hk * e], dim=-1)
+        q = q.view(b, n, h, e).transpose(1, 2)
+        k = k.view(b, n, hk, e).transpose(1, 2)
+        v = v.view(b, n, hk, e).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, enable_gqa=hk != h
+        )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: LSAConfig, dim: int, heads: int, drop_path: float, attn_cls: type[nn.Module]) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = attn_cls(dim, heads, cfg.shared_kv, cfg.qkv_bias, cfg.attn_drop, cfg.proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=nn.GELU, drop=cfg.proj_drop)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ShiftBlock(_Block):
+    """First block of stage 1: local shift attention, then the MLP. (B,N,D), (B,N,S,D) -> (B,N,D)."""
+
+    def __init__(self, cfg: LSAConfig, dim: int, heads: int, drop_path: float) -> None:
+        super().__init__(cfg, dim, heads, drop_path, ShiftAttention)
+
+    def forward(self, x: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        """x: copy 0, the residual stream (B, N, D); copies: all copies (B, N, S, D)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), self.norm1(copies)))
+        return self._mlp(x)
+
+
+class GlobalBlock(_Block):
+    """Pre-norm transformer block with global attention. (B,N,D) -> (B,N,D)."""
+
+    def __init__(self, cfg: LSAConfig, dim: int, heads: int, drop_path: float) -> None:
+        super().__init__(cfg, dim, heads, drop_path, GlobalAttention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return self._mlp(x)
+
+
+class Downsample(nn.Module):
+    """Between stages: 3x3 conv to the next width, LayerNorm over channels, 3/2 max-pool."""
+
+    def __init__(self, dim_in: int, dim_out: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.norm = nn.LayerNorm(dim_out, eps=LN_EPS)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d = x.shape
+        # (B, N, D) viewed as a channels-last grid: no copies on the way in or out.
+        grid = x.view(b, self.grid, self.grid, d).permute(0, 3, 1, 2)
+        y = self.conv(grid).permute(0, 2, 3, 1)
+        y = self.pool(self.norm(y).permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1).reshape(b, -1, y.shape[1])
+
+
+class Stage(nn.Module):
+    """Blocks and (except for the last stage) the downsampling that follows them.
+
+    Stages after the first start by adding their own positional table; the first
+    stage's tables (one per shift) live in the patch embedding.
+    """
+
+    def __init__(self, cfg: LSAConfig, index: int, drop_paths: Sequence[float]) -> None:
+        super().__init__()
+        dim, heads = cfg.widths[index], cfg.heads[index]
+        if index > 0:
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.grid_sizes[index] ** 2, dim))
+        blocks: list[nn.Module] = []
+        for j, dp in enumerate(drop_paths):
+            block_cls = ShiftBlock if index == 0 and j == 0 else GlobalBlock
+            blocks.append(block_cls(cfg, dim, heads, dp))
+        self.blocks = nn.ModuleList(blocks)
+        last = index == len(cfg.widths) - 1
+        self.downsample = None if last else Downsample(dim, cfg.widths[index + 1], cfg.grid_sizes[index])
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Stage 1 takes (copy 0, all copies) from the patch embedding; later stages (B, N, D)."""
+        if hasattr(self, "pos_embed"):
+            inputs = (inputs[0] + self.pos_embed,)
+        x = self.blocks[0](*inputs)
+        for block in self.blocks[1:]:
+            x = block(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class LSA(nn.Module):
+    """Locally Shifted Attention with Early Global Integration (arXiv 2112.05080)."""
+
+    def __init__(self, cfg: LSAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = ShiftedPatchEmbed(cfg)
+        total = sum(cfg.depths)
+        if cfg.drop_path_mode == "linear":
+            rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        else:
+            rates = [cfg.drop_path_rate] * total
+        stages, start = [], 0
+        for i, depth in enumerate(cfg.depths):
+            stages.append(Stage(cfg, i, rates[start : start + depth]))
+            start += depth
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(cfg.widths[-1], eps=LN_EPS)
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated normal (std 0.02) for linear, conv and positional weights; zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("pos_embed"):
+                nn.init.trunc_normal_(param, std=0.02)
+
+    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, block) for every transformer block: the unit of activation checkpointing."""
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage.blocks):
+                yield f"stages.{i}.blocks.{j}", block
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names conventionally excluded from weight decay."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("pos_embed")}
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled, normalised features (B, D) before the classifier."""
+        x = self.stages[0](*self.patch_embed(images))
+        for stage in self.stages[1:]:
+            x = stage(x)
+        return self.norm(x).mean(dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "CIFAR_SHIFTS",
+    "IMAGENET_SHIFTS",
+    "LSA",
+    "LSAConfig",
+    "ModelConfigError",
+    "count_parameters",
+    "conv_out_size",
+]
