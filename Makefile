@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench-model clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml tools/setup_system.sh
+	tools/setup_system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[ffcv,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,46 @@
+"""Data: ImageNet conversion, dataset.json, and the WebDataset and FFCV pipelines.
+
+The batch contract of both pipelines: an iterable of (images, labels) for this rank, images
+float32 (B, 3, S, S) normalised on CPU with the dataset's mean/std (from dataset.json),
+labels int64 (B,); -1 marks evaluation padding. `len(loader)` batches per epoch, the same on
+every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from ..config import DataConfig
+from .dataset import DatasetError, DatasetInfo, load_dataset_info
+from .plan import PAD_LABEL
+
+
+class BatchLoader(Protocol):
+    """What both pipelines offer: a fixed number of batches per epoch and a restartable epoch."""
+
+    num_batches: int
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[tuple]: ...
+
+
+def build_loader(
+    cfg: DataConfig, split: str, rank: int, world_size: int, train: bool, seed: int = 0, info: DatasetInfo | None = None
+) -> BatchLoader:
+    """The loader of `split` for this rank, in the configured format."""
+    info = info or load_dataset_info(cfg.root)
+    if cfg.format == "wds":
+        from .wds import WebDatasetLoader
+
+        return WebDatasetLoader(info, split, cfg, rank, world_size, train, seed)
+    if cfg.format == "ffcv":
+        from .ffcv import FfcvLoader
+
+        return FfcvLoader(info, split, cfg, rank, world_size, train, seed)
+    raise DatasetError(f"data.format must be 'wds' or 'ffcv', got {cfg.format!r}")
+
+
+__all__ = ["PAD_LABEL", "BatchLoader", "DatasetError", "DatasetInfo", "build_loader", "load_dataset_info"]

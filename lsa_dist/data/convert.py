@@ -1,0 +1,378 @@
+"""ImageNet folder -> WebDataset tar shards, FFCV .beton files and dataset.json.
+
+Every image is decoded, fixed where real ImageNet needs it (CMYK, grayscale, PNG bytes in a
+.JPEG file), resized so its longer side is at most `max_side`, and re-encoded as baseline
+RGB JPEG. Unreadable files (empty, truncated, not an image) are skipped and reported.
+
+Shards are the unit of work and of resumption: each is written under a temporary name and
+renamed, then its record (sample count, checksum, skipped files) is written beside it. A
+re-run finishes the shards that have no record and leaves finished ones alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .dataset import DATASET_FILE, FORMAT_VERSION, atomic_write_bytes, atomic_write_json, sha256_file
+from .imagenet import Sample, scan_imagenet
+
+FORMATS = ("wds", "ffcv", "both")
+RECORDS = ".records"
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot proceed; the message says why and what to do."""
+
+
+class BadImageError(ValueError):
+    """A source file that cannot be turned into an image (the message is the reason)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    max_side: int = 256
+    jpeg_quality: int = 90
+    samples_per_shard: int = 1000
+    limit_per_class: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_side < 16:
+            raise ConversionError(f"--max-side must be at least 16, got {self.max_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConversionError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.samples_per_shard < 1:
+            raise ConversionError(f"--samples-per-shard must be positive, got {self.samples_per_shard}")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            raise ConversionError(f"--limit-per-class must be positive, got {self.limit_per_class}")
+
+
+@dataclass
+class Processed:
+    jpeg: bytes
+    fixes: list[str]
+    pixel_sum: np.ndarray  # per channel, over pixels scaled to [0, 1]
+    pixel_sq_sum: np.ndarray
+    pixels: int
+
+
+def process_image(data: bytes, max_side: int, quality: int) -> Processed:
+    """Decode, fix, resize and re-encode one source image. Raises BadImageError with the reason."""
+    if not data:
+        raise BadImageError("empty file")
+    fixes = []
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != "JPEG":
+            fixes.append(f"{(image.format or 'unknown').lower()} bytes in a JPEG file")
+        width, height = image.size
+        if max(width, height) > max_side:
+            scale = max_side / max(width, height)
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+            if image.format == "JPEG":
+                image.draft(image.mode if image.mode in ("RGB", "L") else None, target)  # DCT-domain downscale
+        else:
+            target = None
+        image.load()
+    except BadImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad input
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = "truncated file" if "truncated" in message.lower() else f"not a readable image ({message})"
+        raise BadImageError(reason) from err
+    if image.mode != "RGB":
+        kind = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "I;16": "grayscale"}.get(image.mode, image.mode)
+        fixes.append(f"{kind} converted to RGB")
+        image = image.convert("RGB")
+    if target is not None and image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality, progressive=False, optimize=False)
+    flat = pixels.reshape(-1, 3)
+    return Processed(
+        out.getvalue(), fixes, flat.sum(0, dtype=np.float64), np.square(flat).sum(0, dtype=np.float64), len(flat)
+    )
+
+
+@dataclass
+class ShardTask:
+    split: str
+    index: int
+    samples: list[Sample]
+    folder: Path
+    options: ConvertOptions
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+    keys_sha256: str  # of the planned source keys: a changed plan invalidates the shard
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    pixel_sum: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    pixel_sq_sum: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    pixels: int = 0
+    seconds: float = 0.0
+
+
+def _keys_digest(samples: Sequence[Sample]) -> str:
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(f"{s.key}\t{s.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o444
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard(task: ShardTask) -> ShardRecord:
+    """Convert the samples of one shard and write the tar atomically, then its record."""
+    start = time.perf_counter()
+    final = task.folder / task.name
+    record = ShardRecord(task.name, 0, 0, "", _keys_digest(task.samples))
+    fixed: Counter[str] = Counter()
+    sums, sq_sums = np.zeros(3), np.zeros(3)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in task.samples:
+                try:
+                    data = sample.path.read_bytes()
+                    processed = process_image(data, task.options.max_side, task.options.jpeg_quality)
+                except (BadImageError, OSError) as err:
+                    record.skipped.append({"path": str(sample.path), "reason": str(err)})
+                    continue
+                fixed.update(processed.fixes)
+                sums += processed.pixel_sum
+                sq_sums += processed.pixel_sq_sum
+                record.pixels += processed.pixels
+                _tar_member(tar, f"{sample.key}.jpg", processed.jpeg)
+                _tar_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+                record.num_samples += 1
+            tar.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record.bytes = final.stat().st_size
+    record.sha256 = sha256_file(final)
+    record.fixed = dict(fixed)
+    record.pixel_sum, record.pixel_sq_sum = sums.tolist(), sq_sums.tolist()
+    record.seconds = time.perf_counter() - start
+    atomic_write_json(_record_path(task.folder, task.name), asdict(record))
+    return record
+
+
+def _record_path(folder: Path, name: str) -> Path:
+    return folder / RECORDS / f"{name}.json"
+
+
+def _finished(task: ShardTask) -> ShardRecord | None:
+    """The record of a shard already written by an earlier run with the same plan, if any."""
+    path = _record_path(task.folder, task.name)
+    shard = task.folder / task.name
+    if not path.is_file() or not shard.is_file():
+        return None
+    try:
+        record = ShardRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if record.keys_sha256 != _keys_digest(task.samples) or record.bytes != shard.stat().st_size:
+        return None
+    return record
+
+
+def plan_shards(split: str, samples: list[Sample], folder: Path, options: ConvertOptions) -> list[ShardTask]:
+    """Fixed shard assignment: training samples shuffled once (seeded) so every shard mixes classes."""
+    ordered = list(samples)
+    if split == "train":
+        random.Random(options.seed).shuffle(ordered)
+    n = options.samples_per_shard
+    return [ShardTask(split, i // n, ordered[i : i + n], folder, options) for i in range(0, len(ordered), n)]
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int, desc: str) -> Iterator[ShardRecord]:
+    total = sum(len(t.samples) for t in tasks)
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                record = write_shard(task)
+                bar.update(len(task.samples))
+                yield record
+            return
+        ctx = mp.get_context("fork")
+        with ctx.Pool(workers) as pool:
+            for record, task in zip(pool.imap(write_shard, tasks), tasks):
+                bar.update(len(task.samples))
+                yield record
+
+
+def _options_dict(options: ConvertOptions, splits: Sequence[str]) -> dict[str, Any]:
+    return {**asdict(options), "splits": list(splits)}
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    formats: str = "both",
+    splits: Sequence[str] = ("train", "val"),
+    options: ConvertOptions | None = None,
+    workers: int = 1,
+    val_labels: str | Path | None = None,
+) -> dict[str, Any]:
+    """Convert `src` into `out`; returns the dataset.json content. Resumes a previous run."""
+    options = options or ConvertOptions()
+    options.validate()
+    if formats not in FORMATS:
+        raise ConversionError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    out = Path(out)
+    want_ffcv = formats in ("ffcv", "both")
+    if want_ffcv:
+        from .ffcv import require_ffcv
+
+        require_ffcv()
+    source = scan_imagenet(src, tuple(splits), val_labels, options.limit_per_class)
+    manifest_path = out / DATASET_FILE
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text())
+        old = previous.get("options", {})
+        new = _options_dict(options, splits)
+        changed = sorted(k for k in new if k in old and old[k] != new[k])
+        if changed:
+            raise ConversionError(
+                f"{out} already holds a conversion made with different options ({', '.join(changed)}); "
+                "convert into a new --out folder"
+            )
+    # With ffcv alone the shards are an intermediate, staged out of sight and removed at the end.
+    shard_dir = out / ("wds" if formats in ("wds", "both") else ".staging-wds")
+    (shard_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob("*.tmp-*"):
+        stale.unlink()
+
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source": str(Path(src).resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": _options_dict(options, splits),
+        "formats": ["wds", "ffcv"] if formats == "both" else [formats],
+        "classes": source.classes,
+        "class_names": source.names,
+        "splits": {},
+    }
+    train_sums, train_sq, train_pixels = np.zeros(3), np.zeros(3), 0
+    for split in splits:
+        tasks = plan_shards(split, source.splits[split], shard_dir, options)
+        records: dict[str, ShardRecord] = {}
+        todo = []
+        for task in tasks:
+            done = _finished(task)
+            if done is None:
+                todo.append(task)
+            else:
+                records[task.name] = done
+        if records:
+            print(f"{split}: {len(records)} of {len(tasks)} shards already finished, converting the rest")
+        for record in _run_tasks(todo, workers, f"{split} -> shards"):
+            records[record.name] = record
+        ordered = [records[t.name] for t in tasks]
+        fixed: Counter[str] = Counter()
+        for r in ordered:
+            fixed.update(r.fixed)
+        entry: dict[str, Any] = {
+            "num_samples": sum(r.num_samples for r in ordered),
+            "num_source_files": len(source.splits[split]),
+            "shards": [
+                {"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256} for r in ordered
+            ],
+            "fixed": dict(sorted(fixed.items())),
+            "skipped": [s for r in ordered for s in r.skipped],
+        }
+        if split == "train":
+            for r in ordered:
+                train_sums += r.pixel_sum
+                train_sq += r.pixel_sq_sum
+                train_pixels += r.pixels
+        manifest["splits"][split] = entry
+    if train_pixels:
+        mean = train_sums / train_pixels
+        manifest["mean"] = mean.tolist()
+        manifest["std"] = np.sqrt(np.maximum(train_sq / train_pixels - mean**2, 1e-12)).tolist()
+    if formats in ("wds", "both"):
+        manifest["wds_dir"] = "wds"
+    if want_ffcv:
+        from .ffcv import write_beton
+
+        (out / "ffcv").mkdir(exist_ok=True)
+        for split in splits:
+            shards = [shard_dir / s["name"] for s in manifest["splits"][split]["shards"]]
+            target = out / "ffcv" / f"{split}.beton"
+            info = write_beton(shards, target, options.max_side, options.jpeg_quality, workers)
+            manifest["splits"][split]["ffcv"] = {"name": f"ffcv/{split}.beton", **info}
+    atomic_write_json(manifest_path, manifest)
+    if formats == "ffcv":
+        for path in sorted(shard_dir.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        shard_dir.rmdir()
+    return manifest
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """The closing report: converted, fixed and skipped files per split, with reasons."""
+    lines = []
+    for split, entry in manifest["splits"].items():
+        fixed = sum(entry["fixed"].values())
+        lines.append(
+            f"{split}: {entry['num_samples']} of {entry['num_source_files']} images converted "
+            f"into {len(entry['shards'])} shards, {fixed} fixed, {len(entry['skipped'])} skipped"
+        )
+        for kind, count in entry["fixed"].items():
+            lines.append(f"  fixed   {count:>6}  {kind}")
+        reasons = Counter(s["reason"] for s in entry["skipped"])
+        for reason, count in reasons.most_common():
+            lines.append(f"  skipped {count:>6}  {reason}")
+        for s in entry["skipped"][:10]:
+            lines.append(f"    {s['path']}: {s['reason']}")
+        if len(entry["skipped"]) > 10:
+            lines.append(f"    ... {len(entry['skipped']) - 10} more listed in dataset.json")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BadImageError",
+    "ConversionError",
+    "ConvertOptions",
+    "atomic_write_bytes",
+    "convert",
+    "process_image",
+    "summary",
+]

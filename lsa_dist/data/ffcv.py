@@ -1,0 +1,260 @@
+"""FFCV pipeline and .beton writing, with the same batch contract as the WebDataset pipeline.
+
+Decoding with random-resized-crop (train) or center crop (eval), flips and normalisation run
+in FFCV's compiled pipeline. RandAugment and random erasing of the imagenet recipe have no
+FFCV operation: they run on the decoded uint8 batch (torchvision's tensor RandAugment, timm's
+RandomErasing), so FFCV's ImageNet recipe differs from timm's in RandAugment's details.
+
+Each epoch gets its own index list (permuted with (seed, epoch), cut per rank as in plan.py)
+and FFCV reads it in that order; a restart at (epoch, batch) starts the list at that batch.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .dataset import DatasetError, DatasetInfo, sha256_file
+from .plan import PAD_LABEL, batches_per_rank, epoch_rng, rank_span
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def require_ffcv() -> None:
+    """Fail with what to do when FFCV is not importable."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as err:
+        raise DatasetError(
+            f"FFCV is not installed ({err}); run 'make setup' (it installs FFCV and its system libraries) "
+            "or convert with --format wds"
+        ) from err
+
+
+class _ShardImages:
+    """Random access to the images of tar shards: (RGB uint8 array, label) by index."""
+
+    def __init__(self, shards: Sequence[Path]) -> None:
+        self.entries: list[tuple[Path, int, int, int]] = []  # (shard, offset, size, label)
+        for shard in shards:
+            pending: dict[str, dict[str, Any]] = {}
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    entry = pending.setdefault(key, {})
+                    if ext == "jpg":
+                        entry["jpg"] = (member.offset_data, member.size)
+                    elif ext == "cls":
+                        entry["cls"] = int(tar.extractfile(member).read())
+                    if "jpg" in entry and "cls" in entry:
+                        self.entries.append((shard, *entry["jpg"], entry["cls"]))
+                        del pending[key]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        from .wds import decode_rgb
+
+        shard, offset, size, label = self.entries[index]
+        with shard.open("rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return np.asarray(decode_rgb(data)), label
+
+
+def write_beton(shards: Sequence[Path], target: Path, max_side: int, quality: int, workers: int) -> dict[str, Any]:
+    """Write the shards' images into one FFCV file (atomically); returns its size and checksum."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    images = _ShardImages(shards)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        fields = {
+            "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
+            "label": IntField(),
+        }
+        DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(images)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"num_samples": len(images), "bytes": target.stat().st_size, "sha256": sha256_file(target)}
+
+
+class FfcvLoader:
+    """Batches of one split for one rank, read by ffcv.loader.Loader."""
+
+    def __init__(
+        self, info: DatasetInfo, split: str, cfg: DataConfig, rank: int, world_size: int, train: bool, seed: int
+    ) -> None:
+        require_ffcv()
+        self.path = info.beton_path(split)
+        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        info.check_size(split, world_size, self.batch_size)
+        info.check_files(split, "ffcv")
+        self.num_samples = info.split(split).num_samples
+        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
+        self.cfg = cfg
+        self.mean, self.std = np.array(info.mean) * 255, np.array(info.std) * 255
+        self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
+        aug = cfg.augment
+        self._ffcv = None
+        self.post = None
+        if train and aug.recipe == "imagenet" and (aug.rand_augment or aug.reprob > 0):
+            self.post = _TensorAugment(cfg, info.mean, info.std)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in reading order."""
+        order = epoch_rng(self.seed, epoch).permutation(self.num_samples) if self.train else np.arange(self.num_samples)
+        start, end = rank_span(self.num_samples, self.world_size, self.rank, self.batch_size, self.train)
+        return order[start:end]
+
+    def _pipelines(self) -> dict[str, list]:
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import (
+            NormalizeImage,
+            RandomHorizontalFlip,
+            RandomTranslate,
+            Squeeze,
+            ToTensor,
+            ToTorchImage,
+        )
+
+        aug, size = self.cfg.augment, self.cfg.image_size
+        if not self.train:
+            ratio = 1.0 if aug.recipe == "cifar" else aug.crop_pct
+            image: list = [CenterCropRGBImageDecoder((size, size), ratio=ratio)]
+        elif aug.recipe == "cifar":
+            image = [
+                CenterCropRGBImageDecoder((size, size), ratio=1.0),
+                RandomTranslate(padding=aug.cifar_padding),
+                RandomHorizontalFlip(aug.hflip),
+            ]
+        elif aug.recipe == "none":
+            image = [CenterCropRGBImageDecoder((size, size), ratio=aug.crop_pct)]
+        else:
+            image = [
+                RandomResizedCropRGBImageDecoder((size, size), scale=tuple(aug.scale), ratio=tuple(aug.ratio)),
+                RandomHorizontalFlip(aug.hflip),
+            ]
+        if self.post is None:
+            # normalising before ToTensor: after ToTorchImage it hangs on CPU
+            image.append(NormalizeImage(self.mean, self.std, np.float32))
+        image += [ToTensor(), ToTorchImage()]
+        return {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+
+    def _loader(self, indices: np.ndarray):  # noqa: ANN202 - ffcv.loader.Loader
+        """One ffcv Loader for the whole run (its pipeline is compiled once); the order is set per epoch."""
+        from ffcv.loader import Loader, OrderOption
+
+        if self._ffcv is None:
+            self._ffcv = Loader(
+                str(self.path),
+                batch_size=self.batch_size,
+                num_workers=max(1, self.cfg.num_workers),
+                order=OrderOption.SEQUENTIAL,
+                indices=indices,
+                pipelines=self._pipelines(),
+                drop_last=False,
+            )
+        # ffcv asks its traversal order for each epoch's sample order and sizes the epoch by the
+        # first one; both are pointed at this epoch's list.
+        self._ffcv.traversal_order = _GivenOrder(indices)
+        self._ffcv.first_traversal_order = indices
+        return self._ffcv
+
+    def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[Batch]:
+        """The rank's batches start_batch .. num_batches-1 of `epoch`.
+
+        The samples and their order are deterministic; FFCV's crop and flip randomness is not.
+        With `return_keys`, each batch also carries its samples' indices in the file (-1: padding).
+        """
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
+        indices = self.indices(epoch)[start_batch * self.batch_size :]
+        produced = start_batch
+        if len(indices):
+            for images, labels in self._loader(indices):
+                images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
+                if self.post is not None:
+                    images = self.post(images)
+                batch = self._pad(images.float(), labels)
+                taken = (produced - start_batch) * self.batch_size
+                keys = indices[taken : taken + len(labels)].tolist()
+                yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
+                produced += 1
+        while produced < self.num_batches:  # a rank with fewer evaluation samples
+            empty = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size)
+            batch = self._pad(empty, torch.zeros(0, dtype=torch.long))
+            yield (*batch, [-1] * self.batch_size) if return_keys else batch
+            produced += 1
+
+    def _pad(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        missing = self.batch_size - len(labels)
+        if missing <= 0:
+            return images.contiguous(), labels
+        pad = torch.zeros(missing, *images.shape[1:], dtype=images.dtype)
+        return torch.cat([images, pad]).contiguous(), torch.cat([labels, torch.full((missing,), PAD_LABEL)])
+
+
+class _GivenOrder:
+    """An ffcv traversal order that returns a fixed list of sample indices."""
+
+    def __init__(self, indices: np.ndarray) -> None:
+        self.indices = indices
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.indices
+
+
+class _TensorAugment:
+    """RandAugment and random erasing on a decoded uint8 batch, then normalisation."""
+
+    def __init__(self, cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        from timm.data.random_erasing import RandomErasing
+        from torchvision.transforms import v2
+
+        aug = cfg.augment
+        self.rand_augment = None
+        if aug.rand_augment:
+            magnitude = int(aug.rand_augment.split("-m")[1].split("-")[0]) if "-m" in aug.rand_augment else 9
+            self.rand_augment = v2.RandAugment(num_ops=2, magnitude=magnitude)
+        self.erase = RandomErasing(aug.reprob, mode=aug.remode, device="cpu") if aug.reprob > 0 else None
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.rand_augment is not None:
+            images = torch.stack([self.rand_augment(img) for img in images])
+        out = (images.float() / 255 - self.mean) / self.std
+        return self.erase(out) if self.erase is not None else out
+
+
+def beton_labels(path: Path) -> list[int]:
+    """Every label of a .beton in order (tests and tools)."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(
+        str(path),
+        batch_size=256,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": None, "label": [IntDecoder(), ToTensor()]},
+    )
+    return [int(v) for (labels,) in loader for v in labels.view(-1)]
+
+
+__all__ = ["FfcvLoader", "beton_labels", "require_ffcv", "write_beton"]

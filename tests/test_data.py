@@ -1,0 +1,384 @@
+"""Conversion and the two pipelines, on real shards and .beton files written to disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsa_dist.config import AugmentConfig, DataConfig
+from lsa_dist.data import PAD_LABEL, DatasetError, build_loader, load_dataset_info
+from lsa_dist.data.convert import ConversionError, ConvertOptions, convert, summary
+from lsa_dist.data.dataset import sha256_file
+from lsa_dist.data.imagenet import SourceError
+from lsa_dist.data.transforms import build_mixup, eval_transform, train_transform
+from lsa_dist.data.wds import read_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from make_demo_dataset import make_demo_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "imagenet"
+    counts = make_demo_dataset(out)
+    assert counts == {"train": 1438, "val": 359}
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted")
+    convert(demo_source, out, "both", options=ConvertOptions(samples_per_shard=150), workers=2)
+    return out
+
+
+def data_cfg(root: Path, fmt: str = "wds", **kw: object) -> DataConfig:
+    base = dict(
+        format=fmt, root=str(root), image_size=32, batch_size=16, num_workers=2, augment=AugmentConfig(recipe="cifar")
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_keys(loader: object, epoch: int, start_batch: int = 0) -> list[list]:
+    return [list(keys) for _, _, keys in loader.epoch(epoch, start_batch, return_keys=True)]
+
+
+# -- the demo dataset and conversion -------------------------------------------------------
+
+
+def test_demo_dataset_has_imagenet_layout(demo_source: Path) -> None:
+    assert len(list((demo_source / "train").iterdir())) == 10
+    assert len(list((demo_source / "train").rglob("*.JPEG"))) == 1438
+    assert len(list((demo_source / "val").glob("*.JPEG"))) == 359
+    rows = (demo_source / "LOC_val_solution.csv").read_text().splitlines()
+    assert rows[0] == "ImageId,PredictionString" and len(rows) == 360
+    assert (demo_source / "LOC_synset_mapping.txt").read_text().startswith("n90000000 digit zero\n")
+    with Image.open(next((demo_source / "val").glob("*.JPEG"))) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_conversion_round_trip(demo_source: Path, demo_shards: Path) -> None:
+    manifest = json.loads((demo_shards / "dataset.json").read_text())
+    assert manifest["classes"] == [f"n9{d:07d}" for d in range(10)]
+    assert manifest["class_names"][3] == "digit three"
+    source_labels = {}
+    for path in (demo_source / "train").rglob("*.JPEG"):
+        source_labels[path.stem] = manifest["classes"].index(path.parent.name)
+    for row in (demo_source / "LOC_val_solution.csv").read_text().splitlines()[1:]:
+        image_id, prediction = row.split(",")
+        source_labels[image_id] = manifest["classes"].index(prediction.split()[0])
+    seen = {}
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        assert entry["skipped"] == [] and entry["fixed"] == {}
+        shards = [demo_shards / "wds" / s["name"] for s in entry["shards"]]
+        for shard, record in zip(shards, entry["shards"]):
+            assert sha256_file(shard) == record["sha256"] and shard.stat().st_size == record["bytes"]
+            with tarfile.open(shard) as tar:  # plain tar reads it
+                names = tar.getnames()
+            assert len(names) == 2 * record["num_samples"]
+        labels = read_labels([str(s) for s in shards])
+        assert len(labels) == entry["num_samples"] == entry["num_source_files"]
+        seen.update(labels)
+        # the same images, in the same order, went into the FFCV file
+        from lsa_dist.data.ffcv import beton_labels
+
+        assert beton_labels(demo_shards / entry["ffcv"]["name"]) == [label for _, label in labels]
+    assert seen == source_labels  # every image and label, traced back by key
+    info = load_dataset_info(demo_shards)
+    assert 0.2 < info.mean[0] < 0.4 and 0.25 < info.std[0] < 0.45
+
+
+def test_training_shards_mix_classes(demo_shards: Path) -> None:
+    labels = [label for _, label in read_labels([str(demo_shards / "wds" / "train-000000.tar")])]
+    assert len(set(labels)) == 10
+
+
+def _jpeg(image: Image.Image, **kw: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", **kw)
+    return out.getvalue()
+
+
+@pytest.fixture()
+def awkward_source(tmp_path: Path) -> Path:
+    """An ImageNet folder with the kinds of files real ImageNet and real downloads contain."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 255, (300, 600, 3), dtype=np.uint8))
+    files = {
+        "n01/n01_1.JPEG": _jpeg(good),  # large: resized to max side
+        "n01/n01_2.JPEG": _jpeg(Image.new("CMYK", (40, 30), (10, 200, 30, 0))),
+        "n01/n01_3.JPEG": _jpeg(Image.new("L", (50, 50), 128)),
+        "n02/n02_1.JPEG": _jpeg(good.resize((64, 64)))[:300],  # truncated download
+        "n02/n02_2.JPEG": b"",  # empty file
+        "n02/n02_3.JPEG": b"<html>not found</html>",
+        "n02/n02_4.JPEG": _jpeg(good.resize((64, 48)), progressive=True),
+    }
+    png = io.BytesIO()
+    good.resize((70, 35)).save(png, format="PNG")
+    files["n02/n02_5.JPEG"] = png.getvalue()  # ImageNet's PNG in a .JPEG file
+    for name, data in files.items():
+        path = src / "train" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return src
+
+
+def test_awkward_files_are_fixed_or_reported(awkward_source: Path, tmp_path: Path) -> None:
+    manifest = convert(awkward_source, tmp_path / "out", "wds", ("train",), ConvertOptions(max_side=128))
+    entry = manifest["splits"]["train"]
+    assert entry["num_source_files"] == 8 and entry["num_samples"] == 5
+    assert entry["fixed"] == {
+        "cmyk converted to RGB": 1,
+        "grayscale converted to RGB": 1,
+        "png bytes in a JPEG file": 1,
+    }
+    reasons = {Path(s["path"]).name: s["reason"] for s in entry["skipped"]}
+    assert reasons["n02_1.JPEG"] == "truncated file"
+    assert reasons["n02_2.JPEG"] == "empty file"
+    assert reasons["n02_3.JPEG"].startswith("not a readable image")
+    shard = tmp_path / "out" / "wds" / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".jpg"):
+                data = tar.extractfile(member).read()
+                with Image.open(io.BytesIO(data)) as image:
+                    assert image.format == "JPEG" and image.mode == "RGB"
+                    assert max(image.size) <= 128
+                    assert not image.info.get("progressive")
+                    if member.name.startswith("n01_1."):
+                        assert image.size == (128, 64)
+    text = summary(manifest)
+    assert "5 of 8 images converted" in text and "3 skipped" in text and "truncated file" in text
+
+
+def test_interrupted_conversion_resumes_without_redoing_shards(demo_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(demo_source), "--out", str(out)]
+    cmd += ["--format", "wds", "--splits", "train", "--samples-per-shard", "20", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / "wds" / ".records"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (records.exists() and len(list(records.glob("*.json"))) >= 5):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name[: -len(".json")] for p in records.glob("*.json")}
+    assert 5 <= len(finished) < 72, "the conversion should have been killed part-way"
+    before = {name: (out / "wds" / name).stat().st_mtime_ns for name in finished}
+    assert not (out / "dataset.json").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(finished)} of 72 shards already finished" in rerun.stdout
+    for name, mtime in before.items():
+        assert (out / "wds" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    assert not list((out / "wds").glob("*.tmp-*"))
+    # the result is the same as an uninterrupted conversion
+    clean = convert(demo_source, tmp_path / "clean", "wds", ("train",), ConvertOptions(samples_per_shard=20))
+    resumed = json.loads((out / "dataset.json").read_text())
+    assert [s["sha256"] for s in resumed["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in clean["splits"]["train"]["shards"]
+    ]
+
+
+def test_converter_errors_name_the_problem(demo_source: Path, awkward_source: Path, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        convert(tmp_path / "nowhere", tmp_path / "o1", "wds")
+    flat = tmp_path / "flat"
+    shutil.copytree(demo_source, flat)
+    (flat / "LOC_val_solution.csv").unlink()
+    with pytest.raises(SourceError, match="no label file was found.*--val-labels"):
+        convert(flat, tmp_path / "o2", "wds")
+    convert(awkward_source, tmp_path / "o3", "wds", ("train",))
+    with pytest.raises(ConversionError, match=r"different options \(max_side\); convert into a new --out"):
+        convert(awkward_source, tmp_path / "o3", "wds", ("train",), ConvertOptions(max_side=64))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_imagenet.py"),
+            "--src",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "o4"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.strip().startswith("error: source folder") and proc.stderr.count("\n") == 1
+    )
+
+
+def test_ffcv_only_conversion_leaves_no_shards(awkward_source: Path, tmp_path: Path) -> None:
+    manifest = convert(awkward_source, tmp_path / "out", "ffcv", ("train",), workers=1)
+    assert (tmp_path / "out" / "ffcv" / "train.beton").is_file()
+    assert not (tmp_path / "out" / "wds").exists() and not (tmp_path / "out" / ".staging-wds").exists()
+    assert manifest["formats"] == ["ffcv"] and manifest["splits"]["train"]["ffcv"]["num_samples"] == 5
+
+
+# -- the pipelines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_two_ranks_two_workers_see_disjoint_samples_covering_the_epoch(demo_shards: Path, fmt: str) -> None:
+    loaders = [build_loader(data_cfg(demo_shards, fmt), "train", rank, 2, train=True) for rank in range(2)]
+    per_rank = [epoch_keys(loader, 0) for loader in loaders]
+    assert [len(batches) for batches in per_rank] == [len(loaders[0])] * 2 == [1438 // 32] * 2
+    assert all(len(batch) == 16 for batches in per_rank for batch in batches)
+    rank_sets = [{k for batch in batches for k in batch} for batches in per_rank]
+    assert not rank_sets[0] & rank_sets[1]
+    assert sum(len(s) for s in rank_sets) == (1438 // 32) * 32  # all but the remainder, each once
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_evaluation_covers_every_sample_once_with_padding(demo_shards: Path, fmt: str) -> None:
+    loaders = [build_loader(data_cfg(demo_shards, fmt), "val", rank, 2, train=False) for rank in range(2)]
+    batches = [list(loader.epoch(0, return_keys=True)) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == 12  # ceil(ceil(359 / 2) / 16)
+    keys = [k for rank in batches for _, _, ks in rank for k in ks if k not in ("", -1)]
+    assert len(keys) == len(set(keys)) == 359
+    labels = torch.cat([y for rank in batches for _, y, _ in rank])
+    assert (labels == PAD_LABEL).sum() == 2 * 12 * 16 - 359
+
+
+def test_same_seed_same_order_and_epochs_differ(demo_shards: Path) -> None:
+    make = lambda seed: build_loader(data_cfg(demo_shards), "train", 0, 1, train=True, seed=seed)  # noqa: E731
+    first, again, other = epoch_keys(make(3), 1), epoch_keys(make(3), 1), epoch_keys(make(4), 1)
+    assert first == again and first != other
+    assert first != epoch_keys(make(3), 2)
+
+
+def test_pixels_are_deterministic_given_seed_and_epoch(demo_shards: Path) -> None:
+    cfg = data_cfg(demo_shards, augment=AugmentConfig(recipe="imagenet", rand_augment="rand-m9-mstd0.5-inc1"))
+    a = next(iter(build_loader(cfg, "train", 0, 1, train=True).epoch(2)))
+    b = next(iter(build_loader(cfg, "train", 0, 1, train=True).epoch(2)))
+    assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("fmt,start", [("wds", 5), ("wds", 1), ("ffcv", 7)])
+def test_resume_continues_with_exactly_the_samples_left(demo_shards: Path, fmt: str, start: int) -> None:
+    loader = build_loader(data_cfg(demo_shards, fmt), "train", 1, 2, train=True, seed=11)
+    full = epoch_keys(loader, 3)
+    assert epoch_keys(loader, 3, start) == full[start:]
+    assert epoch_keys(loader, 3, len(full)) == []
+
+
+def test_resumed_batches_have_the_same_pixels(demo_shards: Path) -> None:
+    loader = build_loader(data_cfg(demo_shards), "train", 0, 1, train=True, seed=5)
+    full = [x for x, _ in loader.epoch(1)]
+    resumed = [x for x, _ in loader.epoch(1, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(full[6:], resumed))
+
+
+def test_ffcv_and_webdataset_give_the_same_label_distribution(demo_shards: Path) -> None:
+    counts = {}
+    for fmt in ("wds", "ffcv"):
+        loader = build_loader(data_cfg(demo_shards, fmt), "val", 0, 1, train=False)
+        labels = torch.cat([y for _, y in loader.epoch(0)])
+        counts[fmt] = Counter(labels[labels >= 0].tolist())
+    assert counts["wds"] == counts["ffcv"] and sum(counts["wds"].values()) == 359
+    train = {}
+    for fmt in ("wds", "ffcv"):
+        loader = build_loader(data_cfg(demo_shards, fmt), "train", 0, 1, train=True)
+        train[fmt] = np.bincount(torch.cat([y for _, y in loader.epoch(0)]).numpy(), minlength=10)
+    assert np.abs(train["wds"] - train["ffcv"]).sum() <= 2 * (1438 - 1424)  # only the dropped remainders differ
+
+
+def test_batches_are_normalised_float_tensors(demo_shards: Path) -> None:
+    for fmt in ("wds", "ffcv"):
+        images, labels = next(iter(build_loader(data_cfg(demo_shards, fmt), "val", 0, 1, train=False).epoch(0)))
+        assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64
+        assert -1.5 < images.mean() < 1.5 and 0.5 < images.std() < 2.0
+
+
+def test_pipe_urls_read_the_same_samples(demo_shards: Path) -> None:
+    local = build_loader(data_cfg(demo_shards), "val", 0, 1, train=False)
+    piped = build_loader(data_cfg(demo_shards, urls=f"pipe:cat {demo_shards}/wds/{{shard}}"), "val", 0, 1, train=False)
+    assert epoch_keys(local, 0) == epoch_keys(piped, 0)
+
+
+# -- errors before training -----------------------------------------------------------------
+
+
+@pytest.fixture()
+def shards_copy(demo_shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_shards, copy, ignore=shutil.ignore_patterns("ffcv"))
+    return copy
+
+
+def test_missing_shard_is_named(shards_copy: Path) -> None:
+    (shards_copy / "wds" / "train-000003.tar").unlink()
+    with pytest.raises(DatasetError, match=r"missing data file .*train-000003.tar: re-run tools/convert_imagenet.py"):
+        build_loader(data_cfg(shards_copy), "train", 0, 1, train=True)
+
+
+def test_shard_that_disagrees_with_dataset_json_is_named(shards_copy: Path) -> None:
+    shard = shards_copy / "wds" / "val-000001.tar"
+    with shard.open("ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(DatasetError, match=r"val-000001.tar has \d+ bytes but dataset.json records \d+"):
+        build_loader(data_cfg(shards_copy), "val", 0, 1, train=False)
+
+
+def test_corrupt_shard_of_the_right_size(shards_copy: Path) -> None:
+    shard = shards_copy / "wds" / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[:1024] = os.urandom(1024)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="does not match its checksum"):
+        build_loader(data_cfg(shards_copy, check_checksums=True), "val", 0, 1, train=False)
+    loader = build_loader(data_cfg(shards_copy, num_workers=0), "val", 0, 1, train=False)
+    with pytest.raises(DatasetError, match=r"val-000000.tar"):
+        list(loader.epoch(0))
+
+
+def test_split_smaller_than_ranks_times_batch(demo_shards: Path) -> None:
+    with pytest.raises(DatasetError, match=r"has 359 samples, fewer than 4 ranks x batch 100 = 400"):
+        build_loader(data_cfg(demo_shards, batch_size=100), "val", 0, 4, train=False)
+
+
+def test_missing_dataset_json_and_wrong_format(tmp_path: Path, demo_shards: Path) -> None:
+    with pytest.raises(DatasetError, match="no dataset.json in"):
+        build_loader(data_cfg(tmp_path), "train", 0, 1, train=True)
+    with pytest.raises(DatasetError, match="data.format must be 'wds' or 'ffcv', got 'tfrecord'"):
+        build_loader(data_cfg(demo_shards, "tfrecord"), "train", 0, 1, train=True)
+    with pytest.raises(DatasetError, match="has no split 'test'"):
+        build_loader(data_cfg(demo_shards), "test", 0, 1, train=False)
+
+
+# -- transforms ------------------------------------------------------------------------------
+
+
+def test_recipes_produce_the_documented_shapes() -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 341, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    for recipe in ("imagenet", "basic", "none"):
+        aug = AugmentConfig(recipe=recipe)
+        assert train_transform(aug, 224, mean, std)(image).shape == (3, 224, 224)
+    assert eval_transform(AugmentConfig(), 224, mean, std)(image).shape == (3, 224, 224)
+    assert train_transform(AugmentConfig(recipe="cifar"), 32, mean, std)(image.resize((32, 32))).shape == (3, 32, 32)
+    mixup = build_mixup(AugmentConfig(), num_classes=10)
+    x, y = mixup(torch.randn(4, 3, 8, 8), torch.arange(4))
+    assert y.shape == (4, 10) and torch.allclose(y.sum(1), torch.ones(4))
+    assert build_mixup(AugmentConfig(mixup=0, cutmix=0), 10) is None
+    with pytest.raises(ValueError, match="data.augment.recipe must be one of"):
+        train_transform(AugmentConfig(recipe="autoaug"), 224, mean, std)
