@@ -1,9 +1,10 @@
 """FFCV pipeline and .beton writing, with the same batch contract as the WebDataset pipeline.
 
-Decoding with random-resized-crop (train) or center crop (eval), flips and normalisation run
-in FFCV's compiled pipeline. RandAugment and random erasing of the imagenet recipe have no
-FFCV operation: they run on the decoded uint8 batch (torchvision's tensor RandAugment, timm's
-RandomErasing), so FFCV's ImageNet recipe differs from timm's in RandAugment's details.
+Decoding with random-resized-crop (train) or center crop (eval) and flips run in FFCV's
+compiled pipeline. RandAugment of the imagenet recipe has no FFCV operation: it runs on the
+decoded uint8 batch (torchvision's tensor RandAugment, 2 ops at the recipe's magnitude), so
+FFCV's ImageNet recipe differs from timm's in RandAugment's details. Normalisation and random
+erasing are applied per batch by `to_model_input`, as for WebDataset.
 
 Each epoch gets its own index list (permuted with (seed, epoch), cut per rank as in plan.py)
 and FFCV reads it in that order; a restart at (epoch, batch) starts the list at that batch.
@@ -22,6 +23,7 @@ import torch
 from ..config import DataConfig
 from .dataset import DatasetError, DatasetInfo, sha256_file
 from .plan import PAD_LABEL, batches_per_rank, epoch_rng, rank_span
+from .transforms import ModelInput, decode_pil
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -60,13 +62,11 @@ class _ShardImages:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        from .wds import decode_rgb
-
         shard, offset, size, label = self.entries[index]
         with shard.open("rb") as f:
             f.seek(offset)
             data = f.read(size)
-        return np.asarray(decode_rgb(data)), label
+        return np.asarray(decode_pil(data)), label
 
 
 def write_beton(shards: Sequence[Path], target: Path, max_side: int, quality: int, workers: int) -> dict[str, Any]:
@@ -102,13 +102,17 @@ class FfcvLoader:
         self.num_samples = info.split(split).num_samples
         self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
         self.cfg = cfg
-        self.mean, self.std = np.array(info.mean) * 255, np.array(info.std) * 255
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
-        aug = cfg.augment
+        self.to_model_input = ModelInput(info.mean, info.std, cfg.augment, train)
         self._ffcv = None
-        self.post = None
-        if train and aug.recipe == "imagenet" and (aug.rand_augment or aug.reprob > 0):
-            self.post = _TensorAugment(cfg, info.mean, info.std)
+        self.rand_augment = None
+        aug = cfg.augment
+        if train and aug.recipe == "imagenet" and aug.rand_augment:
+            from torchvision.transforms import v2
+
+            spec = aug.rand_augment
+            magnitude = int(spec.split("-m")[1].split("-")[0]) if "-m" in spec else 9
+            self.rand_augment = v2.RandAugment(num_ops=2, magnitude=magnitude)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -122,7 +126,6 @@ class FfcvLoader:
     def _pipelines(self) -> dict[str, list]:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.transforms import (
-            NormalizeImage,
             RandomHorizontalFlip,
             RandomTranslate,
             Squeeze,
@@ -147,10 +150,7 @@ class FfcvLoader:
                 RandomResizedCropRGBImageDecoder((size, size), scale=tuple(aug.scale), ratio=tuple(aug.ratio)),
                 RandomHorizontalFlip(aug.hflip),
             ]
-        if self.post is None:
-            # normalising before ToTensor: after ToTorchImage it hangs on CPU
-            image.append(NormalizeImage(self.mean, self.std, np.float32))
-        image += [ToTensor(), ToTorchImage()]
+        image += [ToTensor(), ToTorchImage()]  # uint8; to_model_input normalises per batch
         return {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
 
     def _loader(self, indices: np.ndarray):  # noqa: ANN202 - ffcv.loader.Loader
@@ -186,15 +186,15 @@ class FfcvLoader:
         if len(indices):
             for images, labels in self._loader(indices):
                 images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
-                if self.post is not None:
-                    images = self.post(images)
-                batch = self._pad(images.float(), labels)
+                if self.rand_augment is not None:
+                    images = torch.stack([self.rand_augment(img) for img in images])
+                batch = self._pad(images, labels)
                 taken = (produced - start_batch) * self.batch_size
                 keys = indices[taken : taken + len(labels)].tolist()
                 yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
                 produced += 1
         while produced < self.num_batches:  # a rank with fewer evaluation samples
-            empty = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size)
+            empty = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, dtype=torch.uint8)
             batch = self._pad(empty, torch.zeros(0, dtype=torch.long))
             yield (*batch, [-1] * self.batch_size) if return_keys else batch
             produced += 1
@@ -215,29 +215,6 @@ class _GivenOrder:
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.indices
-
-
-class _TensorAugment:
-    """RandAugment and random erasing on a decoded uint8 batch, then normalisation."""
-
-    def __init__(self, cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> None:
-        from timm.data.random_erasing import RandomErasing
-        from torchvision.transforms import v2
-
-        aug = cfg.augment
-        self.rand_augment = None
-        if aug.rand_augment:
-            magnitude = int(aug.rand_augment.split("-m")[1].split("-")[0]) if "-m" in aug.rand_augment else 9
-            self.rand_augment = v2.RandAugment(num_ops=2, magnitude=magnitude)
-        self.erase = RandomErasing(aug.reprob, mode=aug.remode, device="cpu") if aug.reprob > 0 else None
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.rand_augment is not None:
-            images = torch.stack([self.rand_augment(img) for img in images])
-        out = (images.float() / 255 - self.mean) / self.std
-        return self.erase(out) if self.erase is not None else out
 
 
 def beton_labels(path: Path) -> list[int]:

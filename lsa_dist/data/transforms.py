@@ -1,39 +1,71 @@
-"""Train/eval transforms and mixup/cutmix, assembled from timm and torchvision parts.
+"""Per-sample transforms (JPEG bytes -> uint8 image) and the per-batch step that turns uint8
+batches into model input on the training device, assembled from timm and torchvision parts.
+
+Loader workers only decode, crop, flip (and RandAugment): they hand uint8 batches over, a
+quarter of the bytes of float ones. Normalisation and random erasing run per batch where the
+batch is used (`ModelInput`, on the GPU when there is one), as timm's prefetching loader does.
 
 Recipes:
-  imagenet  random resized crop, flip, RandAugment (timm, e.g. rand-m9-mstd0.5-inc1), random
-            erasing; eval resizes to image_size / crop_pct and center-crops. Mixup/cutmix with
-            label smoothing are applied per batch by the training loop (`build_mixup`).
-  cifar     random crop with padding, flip; eval: resize to image_size if needed.
+  imagenet  random resized crop, flip, RandAugment (timm, e.g. rand-m9-mstd0.5-inc1) per
+            sample; random erasing per batch; mixup/cutmix with label smoothing per batch in
+            the training loop (`build_mixup`). Eval: resize to image_size / crop_pct, center crop.
   basic     random resized crop and flip only (the decode-bound part of the imagenet recipe).
+  cifar     random crop with zero padding, flip; eval: resize to image_size.
   none      resize and center crop, also for training.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
-from torchvision import transforms as T
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import v2
 
 from ..config import AugmentConfig
 
-RECIPES = ("imagenet", "cifar", "basic", "none")
+RECIPES = ("imagenet", "basic", "cifar", "none")
+SampleTransform = Callable[[bytes], torch.Tensor]
 
 
-def _interp(name: str) -> T.InterpolationMode:
-    return T.InterpolationMode(name)
+def decode_pil(data: bytes) -> Image.Image:
+    """JPEG bytes -> RGB PIL image (simplejpeg; Pillow for anything that is not baseline JPEG)."""
+    try:
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    except ValueError:
+        return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def train_transform(
-    aug: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float tensor (3, image_size, image_size) for training."""
-    if aug.recipe == "imagenet":
-        return create_transform(
-            input_size=image_size,
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 (3, H, W) tensor (a channels-last view of simplejpeg's output)."""
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        pixels = np.asarray(decode_pil(data))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def _interp(name: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode(name)
+
+
+def _check_recipe(aug: AugmentConfig) -> None:
+    if aug.recipe not in RECIPES:
+        raise ValueError(f"data.augment.recipe must be one of {', '.join(RECIPES)}, got {aug.recipe!r}")
+
+
+def sample_transform(aug: AugmentConfig, image_size: int, train: bool) -> SampleTransform:
+    """JPEG bytes -> uint8 (3, image_size, image_size) tensor."""
+    _check_recipe(aug)
+    size, interp = image_size, _interp(aug.interpolation)
+    if train and aug.recipe == "imagenet":
+        pil = create_transform(
+            input_size=size,
             is_training=True,
             scale=tuple(aug.scale),
             ratio=tuple(aug.ratio),
@@ -41,58 +73,38 @@ def train_transform(
             auto_augment=aug.rand_augment or None,
             color_jitter=aug.color_jitter or 0.0,
             interpolation=aug.interpolation,
-            re_prob=aug.reprob,
-            re_mode=aug.remode,
-            mean=tuple(mean),
-            std=tuple(std),
+            use_prefetcher=True,  # uint8 tensor out; erasing and normalisation happen per batch
         )
-    if aug.recipe == "basic":
-        return T.Compose(
-            [
-                T.RandomResizedCrop(
-                    image_size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), interpolation=_interp(aug.interpolation)
-                ),
-                T.RandomHorizontalFlip(aug.hflip),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
-    if aug.recipe == "cifar":
-        return T.Compose(
-            [
-                T.Resize(image_size, interpolation=_interp(aug.interpolation)),
-                T.RandomCrop(image_size, padding=aug.cifar_padding),
-                T.RandomHorizontalFlip(aug.hflip),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
-    if aug.recipe == "none":
-        return eval_transform(aug, image_size, mean, std)
-    raise ValueError(f"data.augment.recipe must be one of {', '.join(RECIPES)}, got {aug.recipe!r}")
+        return lambda data: pil(decode_pil(data))
+    if train and aug.recipe == "basic":
+        ops = [v2.RandomResizedCrop(size, tuple(aug.scale), tuple(aug.ratio), interp, antialias=True)]
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    elif train and aug.recipe == "cifar":
+        ops = [v2.Resize(size, interp, antialias=True), v2.RandomCrop(size, padding=aug.cifar_padding)]
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    elif aug.recipe == "cifar":
+        ops = [v2.Resize(size, interp, antialias=True), v2.CenterCrop(size)]
+    else:  # evaluation, and training with recipe "none"
+        ops = [v2.Resize(int(size / aug.crop_pct), interp, antialias=True), v2.CenterCrop(size)]
+    pipeline = v2.Compose(ops)
+    return lambda data: pipeline(decode_tensor(data))
 
 
-def eval_transform(
-    aug: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float tensor: resize to image_size / crop_pct, center crop."""
-    if aug.recipe == "cifar":
-        return T.Compose(
-            [
-                T.Resize(image_size, interpolation=_interp(aug.interpolation)),
-                T.CenterCrop(image_size),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
-    return create_transform(
-        input_size=image_size,
-        is_training=False,
-        interpolation=aug.interpolation,
-        crop_pct=aug.crop_pct,
-        mean=tuple(mean),
-        std=tuple(std),
-    )
+class ModelInput:
+    """uint8 batch -> normalised float batch (+ random erasing when training), on the batch's device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], aug: AugmentConfig, train: bool) -> None:
+        self.mean = torch.tensor([255 * m for m in mean]).view(1, 3, 1, 1)
+        self.inv_std = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+        self.erase_prob = aug.reprob if train and aug.recipe == "imagenet" else 0.0
+        self.erase_mode = aug.remode
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device = images.device
+        out = images.float().sub_(self.mean.to(device)).mul_(self.inv_std.to(device))
+        if self.erase_prob > 0:
+            out = RandomErasing(self.erase_prob, mode=self.erase_mode, device=device)(out)
+        return out
 
 
 def build_mixup(aug: AugmentConfig, num_classes: int) -> Mixup | None:

@@ -2,40 +2,29 @@
 
 Each epoch the shard order is shuffled (seed, epoch); the resulting sample sequence is cut
 into equal contiguous spans per rank and, within a rank, per loader worker (see plan.py).
-Workers stream their span shard by shard, mix it through a seeded shuffle buffer, decode
-with simplejpeg, transform, and hand out whole batches. A restart at (epoch, batch) replays
+Workers stream their span shard by shard, mix it through a seeded shuffle buffer, decode and
+transform, and hand out whole uint8 batches. A restart at (epoch, batch) replays
 each worker's span up to where it stopped without decoding what it skips.
 """
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-import simplejpeg
 import torch
 import webdataset
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
 from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, batches_per_rank, batches_to_skip, epoch_rng, rank_span, worker_spans
-from .transforms import eval_transform, train_transform
+from .transforms import ModelInput, sample_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """JPEG bytes -> RGB PIL image (simplejpeg, with Pillow as the fallback for anything else)."""
-    try:
-        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
-    except ValueError:
-        return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def shard_urls(info: DatasetInfo, split: str, template: str) -> list[str]:
@@ -64,8 +53,8 @@ class WebDatasetLoader:
         self.num_workers = cfg.num_workers
         self.shuffle_buffer = cfg.shuffle_buffer
         self.image_size = cfg.image_size
-        make = train_transform if train else eval_transform
-        self.transform = make(cfg.augment, cfg.image_size, info.mean, info.std)
+        self.transform = sample_transform(cfg.augment, cfg.image_size, train)
+        self.to_model_input = ModelInput(info.mean, info.std, cfg.augment, train)
         self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
 
     def __len__(self) -> int:
@@ -133,11 +122,11 @@ class WebDatasetLoader:
         images, labels, keys = [], [], []
         for sample in samples:
             if sample is None:
-                images.append(torch.zeros(3, self.image_size, self.image_size))
+                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8))
                 labels.append(PAD_LABEL)
                 keys.append("")
                 continue
-            images.append(self.transform(decode_rgb(sample["jpg"])))
+            images.append(self.transform(sample["jpg"]))
             labels.append(int(sample["cls"]))
             keys.append(sample["__key__"])
         batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
@@ -211,4 +200,4 @@ def read_labels(urls: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-__all__ = ["WebDatasetLoader", "decode_rgb", "read_labels", "shard_urls"]
+__all__ = ["WebDatasetLoader", "read_labels", "shard_urls"]
