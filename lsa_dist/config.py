@@ -1,18 +1,30 @@
 """The typed schema of a run.
 
-YAML files in configs/ are instances of `RunConfig`; `key=value` overrides apply on top.
+YAML files in configs/ are instances of `RunConfig`; `key=value` overrides apply on top
+(`optim.lr=1e-3 data.batch_size=64`). `load_config` validates everything that can be known
+before a process starts and raises ConfigError naming the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message starts with the offending key."""
 
 
 @dataclass
 class AugmentConfig:
     """Training augmentation (see lsa_dist.data.transforms for the recipes)."""
 
-    recipe: str = "imagenet"  # imagenet | cifar | basic | none
+    recipe: str = "imagenet"  # imagenet | basic | cifar | none
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
@@ -40,9 +52,262 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 224
-    batch_size: int = 64  # per rank
+    batch_size: int = 64  # per rank and optimizer step (split into grad_accum_steps micro-batches)
     eval_batch_size: int = 0  # per rank; 0 = batch_size
     num_workers: int = 4
     shuffle_buffer: int = 2000
     check_checksums: bool = False  # re-hash every data file before training (slow on ImageNet)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelSection:
+    name: str = "lsa_tiny"  # a named variant of lsa_dist.models
+    num_classes: int = 0  # 0: the number of classes in dataset.json
+    drop_path_rate: float = 0.1
+    drop_path_mode: str = "uniform"  # uniform (the paper's code) | linear
+    official_checkpoint: str = ""  # start from weights released with the paper (same variant)
+    options: dict[str, Any] = field(default_factory=dict)  # any other LSAConfig field, e.g. widths
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # at a global batch of lr_batch; scaled linearly to the actual one
+    lr_batch: int = 512  # 0: use lr as is
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    epochs: int = 300
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # exponential moving average of weights; 0 = off
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "deepspeed"  # deepspeed | fairscale
+    zero_stage: int = 1  # 0-3 (deepspeed); fairscale OSS shards optimizer state only (stage 1)
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    activation_checkpointing: str = "none"  # none | all | every_k
+    checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+    peak_tflops: float = 0.0  # per device, for MFU; 0: a known GPU's peak, or measured on CPU
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also at epoch end; 0 = epoch end only
+    keep_last: int = 3
+    export_at_end: bool = True  # write a consolidated fp32 model.pt at the end
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
+    experiment: str = "lsa_dist"
+    run_name: str = ""  # "" = train.name
+    log_every: int = 10  # steps between logged training metrics
+    register_model: str = ""  # register the final model under this name; "" = don't
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time_min: int = 60 * 24
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
+    mem_gb: int = 0
+    exclusive: bool = False
+    job_name: str = ""
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 2  # processes for launch/local.py
+    nodes: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class TrainSection:
+    name: str = ""  # run name; "" = the config file's stem
+    output_dir: str = "runs"  # runs go to output_dir/name
+    seed: int = 0
+    resume: str = "auto"  # auto (latest good checkpoint of this run) | never | a checkpoint folder
+    eval_every: int = 1  # epochs
+    max_steps: int = 0  # stop after this many optimizer steps (0 = the full schedule)
+    eval_only: bool = False  # evaluate the resumed/initial weights and stop
+    log_every: int = 10  # steps between progress lines on rank 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / self.train.name
+
+
+CHOICES = {
+    "data.format": ("wds", "ffcv"),
+    "data.augment.recipe": ("imagenet", "basic", "cifar", "none"),
+    "engine.backend": ("deepspeed", "fairscale"),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.activation_checkpointing": ("none", "all", "every_k"),
+    "model.drop_path_mode": ("uniform", "linear"),
+}
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    text = str(err).splitlines()[0]
+    if "not in" in text or "Missing key" in text or "Key '" in text:
+        return f"{key}: unknown key ({text}); check the spelling against lsa_dist/config.py"
+    return f"{key}: {text}" if key else text
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults), apply key=value overrides, validate. Raises ConfigError."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from err
+    if not cfg.train.name:
+        cfg.train.name = path.stem if path is not None else "run"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    for key, options in CHOICES.items():
+        if _get(cfg, key) not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {_get(cfg, key)!r}")
+    positive = ("data.batch_size", "data.image_size", "optim.grad_accum_steps", "optim.epochs", "launch.nproc")
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {_get(cfg, key)}")
+    for key in ("data.num_workers", "data.eval_batch_size", "train.max_steps", "checkpoint.every_steps"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.data.batch_size % cfg.optim.grad_accum_steps:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is not divisible by optim.grad_accum_steps="
+            f"{cfg.optim.grad_accum_steps} (each rank splits its batch into that many micro-batches)"
+        )
+    if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage: must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.engine.backend == "fairscale":
+        if cfg.engine.zero_stage not in (0, 1):
+            raise ConfigError(
+                f"engine.zero_stage: {cfg.engine.zero_stage} needs engine.backend=deepspeed; fairscale's OSS "
+                "shards optimizer state only (stage 1)"
+            )
+        if cfg.engine.precision == "fp16":
+            raise ConfigError("engine.precision: fp16 (loss scaling) needs engine.backend=deepspeed; use bf16 or fp32")
+        if cfg.engine.offload_optimizer:
+            raise ConfigError("engine.offload_optimizer: needs engine.backend=deepspeed")
+    if cfg.engine.offload_optimizer and cfg.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer: needs engine.zero_stage >= 1")
+    if cfg.engine.activation_checkpointing == "every_k" and cfg.engine.checkpoint_every_k < 1:
+        raise ConfigError("engine.checkpoint_every_k: must be at least 1")
+    if cfg.optim.ema_decay and not 0 < cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay: must be in (0, 1), got {cfg.optim.ema_decay}")
+    if cfg.optim.ema_decay and cfg.engine.zero_stage == 3:
+        raise ConfigError("optim.ema_decay: EMA needs whole parameters on every rank; use engine.zero_stage <= 2")
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
+        raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither auto, never, nor a checkpoint folder")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last: must be at least 1")
+    _validate_model(cfg)
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    from .models import ModelConfigError, model_config
+
+    try:
+        model_cfg = model_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 1))
+    except ModelConfigError as err:
+        message = str(err)
+        if message.startswith("model.") and not message.startswith("model.name"):
+            field_name = message.split(":", 1)[0][len("model.") :]
+            if field_name not in ("drop_path_rate", "drop_path_mode", "num_classes"):
+                message = f"model.options.{message[len('model.') :]}"
+        raise ConfigError(message) from err
+    if model_cfg.image_size != cfg.data.image_size:
+        raise ConfigError(
+            f"data.image_size: {cfg.data.image_size} but model {cfg.model.name} takes {model_cfg.image_size} px "
+            f"images; set data.image_size={model_cfg.image_size} or model.options.image_size"
+        )
+
+
+def model_overrides(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
+    """The LSAConfig fields this run changes from the named variant."""
+    return {
+        **dict(cfg.model.options),
+        "num_classes": num_classes,
+        "drop_path_rate": cfg.model.drop_path_rate,
+        "drop_path_mode": cfg.model.drop_path_mode,
+    }
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved next to checkpoints, logged as an artifact)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """{'optim.lr': 0.0005, ...}: the config as flat key/value pairs (MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", to_dict(cfg))
+    return out

@@ -28,23 +28,6 @@ from lsa_dist.data.transforms import build_mixup, sample_transform
 from lsa_dist.data.wds import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from make_demo_dataset import make_demo_dataset  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "imagenet"
-    counts = make_demo_dataset(out)
-    assert counts == {"train": 1438, "val": 359}
-    return out
-
-
-@pytest.fixture(scope="session")
-def demo_shards(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("converted")
-    convert(demo_source, out, "both", options=ConvertOptions(samples_per_shard=150), workers=2)
-    return out
 
 
 def data_cfg(root: Path, fmt: str = "wds", **kw: object) -> DataConfig:

@@ -1,0 +1,119 @@
+"""Distributed environment discovery and process-group setup.
+
+Every launcher (launch/local.py, torchrun, launch/slurm.py through submitit) ends up setting
+the torch.distributed environment variables; this module reads them, picks the backend
+(NCCL on GPUs, gloo on CPUs) and the device, and shuts down cleanly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def discover() -> DistEnv:
+    """The process's place in the job, from the torch.distributed environment variables."""
+    world = _int("WORLD_SIZE", 1)
+    local_world = _int("LOCAL_WORLD_SIZE", world)
+    return DistEnv(
+        rank=_int("RANK", 0),
+        world_size=world,
+        local_rank=_int("LOCAL_RANK", 0),
+        local_world_size=local_world,
+        node_rank=_int("GROUP_RANK", _int("NODE_RANK", _int("RANK", 0) // max(1, local_world))),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int("MASTER_PORT", 29500),
+    )
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
+    """Join the process group (always, also alone: the engines expect one) and return the device."""
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers across ranks (metrics)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any (a stop request that reached only some ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def shutdown(code: int = 0) -> None:
+    """Leave the process group and exit without the interpreter's teardown.
+
+    With gloo, about 1 in 15 processes died with SIGABRT in interpreter teardown after
+    training had finished; exiting right after destroy_process_group avoids it.
+    """
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone must not change the exit code
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,307 @@
+"""Training engines built from the config: DeepSpeed ZeRO (default) or fairscale OSS + DDP.
+
+Both wrap the plain LSA model from outside (precision, sharding, activation checkpointing)
+and offer the same interface to the training loop and to checkpointing:
+
+  forward(images) -> logits; backward(loss); step() -> StepInfo at the end of an optimizer step
+  save(folder, client_state) / load(folder) -> client_state; full_state_dict() on rank 0
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import RunConfig
+from .models import LSA
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepInfo:
+    lr: float
+    grad_norm: float
+
+
+def peak_lr(cfg: RunConfig, world_size: int) -> float:
+    """optim.lr scaled linearly from a global batch of optim.lr_batch to the run's."""
+    global_batch = cfg.data.batch_size * world_size
+    return cfg.optim.lr * global_batch / cfg.optim.lr_batch if cfg.optim.lr_batch else cfg.optim.lr
+
+
+def lr_lambda(cfg: RunConfig, steps_per_epoch: int, world_size: int):  # noqa: ANN201 - Callable[[int], float]
+    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine to min_lr."""
+    peak = peak_lr(cfg, world_size)
+    total = max(1, cfg.optim.epochs * steps_per_epoch)
+    warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    start, floor = cfg.optim.warmup_lr / peak, cfg.optim.min_lr / peak
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: LSA, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay for norms, biases and positional tables."""
+    skip = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if n in skip]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpointed_blocks(model: LSA, policy: str, every_k: int) -> list[str]:
+    """Names of the blocks whose activations are recomputed in backward."""
+    names = [name for name, _ in model.blocks()]
+    if policy == "none":
+        return []
+    if policy == "all":
+        return names
+    return names[::every_k]
+
+
+def apply_activation_checkpointing(model: LSA, policy: str, every_k: int) -> list[str]:
+    """Recompute the chosen blocks' activations in backward (non-reentrant torch checkpoint).
+
+    The blocks' forward is patched in place, so parameter names (and checkpoints) do not
+    change; the model itself knows nothing of it.
+    """
+    chosen = set(checkpointed_blocks(model, policy, every_k))
+    for name, block in model.blocks():
+        if name in chosen:
+            inner = block.forward
+
+            def forward(self: nn.Module, *args: torch.Tensor, _inner=inner) -> torch.Tensor:  # noqa: ANN001
+                if not torch.is_grad_enabled():
+                    return _inner(*args)
+                return checkpoint(_inner, *args, use_reentrant=False)
+
+            block.forward = types.MethodType(forward, block)
+    return sorted(chosen)
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize from our config: ZeRO 0-3, bf16/fp16/fp32, accumulation, clipping."""
+
+    backend = "deepspeed"
+
+    def __init__(self, cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.dtype = PRECISIONS[cfg.engine.precision]
+        accum = cfg.optim.grad_accum_steps
+        micro = cfg.data.batch_size // accum
+        zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+        if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world_size,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cfg.engine.precision == "bf16"},
+            "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+            "gradient_clipping": cfg.optim.grad_clip,
+            "steps_per_print": 2**62,
+            "zero_allow_untested_optimizer": True,
+            "wall_clock_breakdown": False,
+        }
+        peak = peak_lr(cfg, world_size)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        kwargs: dict[str, Any] = {}
+        if cfg.engine.offload_optimizer:
+            # ZeRO-Offload steps with DeepSpeed's CPU Adam (compiled on first use)
+            ds_config["optimizer"] = {
+                "type": "AdamW",
+                "params": {
+                    "lr": peak,
+                    "betas": list(cfg.optim.betas),
+                    "eps": cfg.optim.eps,
+                    "weight_decay": cfg.optim.weight_decay,
+                },
+            }
+            kwargs["model_parameters"] = groups
+        else:
+            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=peak, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.lr_factor = lr_lambda(cfg, steps_per_epoch, world_size)
+
+        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, config=ds_config, lr_scheduler=scheduler, **kwargs
+        )
+        self.module = self.engine.module
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.dtype != torch.float32:
+            images = images.to(self.dtype)
+        return self.engine(images).float()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> StepInfo | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return StepInfo(lr=self.scheduler.get_last_lr()[0], grad_norm=norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank writes its part into folder/tag."""
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, folder: Path, tag: str) -> dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(folder) / tag}")
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's fp32 weights on rank 0 (gathered under ZeRO-3), None elsewhere."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.engine.zero_stage == 3):
+            if dist.get_rank() != 0:
+                return None
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+class FairscaleEngine:
+    """fairscale's OSS optimizer-state sharding with torch DDP (and its checkpoint wrapper)."""
+
+    backend = "fairscale"
+
+    def __init__(self, cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int, device: torch.device) -> None:
+        from fairscale.optim import OSS
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.cfg = cfg
+        self.dtype = PRECISIONS[cfg.engine.precision]
+        self.device = device
+        self.module = model.to(device)
+        self.engine = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        self.optimizer = OSS(
+            groups,
+            optim=torch.optim.AdamW,
+            lr=peak_lr(cfg, world_size),
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            broadcast_fp16=False,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch, world_size))
+        self.accum = cfg.optim.grad_accum_steps
+        self.micro = 0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # DDP synchronises gradients only in the last micro-batch of an optimizer step
+        sync = (self.micro + 1) % self.accum == 0
+        context = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with context:
+            if sync or not self.engine.training:
+                return self.engine(images).float()
+            with self.engine.no_sync():
+                return self.engine(images).float()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> StepInfo | None:
+        self.micro += 1
+        if self.micro % self.accum:
+            return None
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = float(self.optimizer.clip_grad_norm(clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepInfo(lr=self.scheduler.get_last_lr()[0], grad_norm=norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """OSS consolidates the sharded optimizer state on rank 0, which writes everything."""
+        self.optimizer.consolidate_state_dict(recipient_rank=0)
+        if dist.get_rank() == 0:
+            target = Path(folder) / tag
+            target.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {
+                    "module": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.scheduler.state_dict(),
+                    "micro_steps": self.micro,
+                    "client_state": client_state,
+                },
+                target / "fairscale_states.pt",
+            )
+
+    def load(self, folder: Path, tag: str) -> dict[str, Any]:
+        state = torch.load(Path(folder) / tag / "fairscale_states.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.micro = state["micro_steps"]
+        return state["client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+Engine = DeepSpeedEngine | FairscaleEngine
+
+
+def build_engine(cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int, device: torch.device) -> Engine:
+    """Activation checkpointing first (it patches the plain model), then the chosen backend."""
+    if cfg.engine.backend == "fairscale":
+        if cfg.engine.activation_checkpointing != "none":
+            from fairscale.nn.checkpoint import checkpoint_wrapper
+
+            for name, block in model.blocks():
+                if name in checkpointed_blocks(
+                    model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
+                ):
+                    checkpoint_wrapper(block)  # patches forward in place; names unchanged
+        return FairscaleEngine(cfg, model, steps_per_epoch, world_size, device)
+    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k)
+    return DeepSpeedEngine(cfg, model.to(device), steps_per_epoch, world_size)

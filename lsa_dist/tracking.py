@@ -1,0 +1,256 @@
+"""MLflow tracking: one run per training run, written by rank 0 only.
+
+- The backend is tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite database in the
+  project folder (sqlite:///<cwd>/mlflow.db; MLflow 3 refuses the old ./mlruns store).
+- `prepare()` runs once before any worker starts (launchers call it): it creates the
+  database and experiment (several processes creating a fresh sqlite schema at once crash)
+  and decides the run: the one recorded in the run's latest checkpoint, or a new one.
+- Metrics are queued and sent in batches from a background thread; if the server cannot be
+  reached, a warning is printed once, metrics are spooled to RUN/mlflow_pending.jsonl and
+  sent when it comes back. Tracking never stops training.
+- Params are the flattened resolved config; values of keys that look secret are redacted,
+  and no environment variable is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, flatten
+
+SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
+REDACTED = "***"
+RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    """The MLflow backend of this run, always absolute (workers may run elsewhere)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def redact(params: dict[str, Any]) -> dict[str, str]:
+    """Stringified params with secret-looking keys (token, password, ...) redacted."""
+    out = {}
+    for key, value in params.items():
+        text = REDACTED if SECRET.search(key) else str(value)
+        out[key] = text[:6000]  # MLflow's param value limit
+    return out
+
+
+def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the database, not under the cwd of whoever logs
+        artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def prepare(cfg: RunConfig, run_id: str = "") -> str:
+    """Create database, experiment and (unless `run_id` continues one) the run; returns the run id.
+
+    Returns "" when tracking is disabled or the backend cannot be reached (with a warning).
+    """
+    if not cfg.tracking.enabled:
+        return ""
+    uri = tracking_uri(cfg)
+    try:
+        client = _client(uri)
+        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage != "deleted":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:  # noqa: BLE001 - a run id from another backend: start a new run
+                warnings.warn(f"MLflow run {run_id} not found at {uri}; starting a new run", stacklevel=2)
+        run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or cfg.train.name)
+        return run.info.run_id
+    except Exception as err:  # noqa: BLE001
+        print(
+            f"warning: MLflow at {uri} is unreachable ({_first_line(err)}); training continues untracked",
+            file=sys.stderr,
+        )
+        return ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def system_info(world_size: int, num_nodes: int, dataset_sha: str) -> dict[str, str]:
+    import torch
+
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "world_size": str(world_size),
+        "nodes": str(num_nodes),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "git_commit": git_commit(),
+        "dataset_json_sha256": dataset_sha,
+    }
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        info["deepspeed"] = "none"
+    return info
+
+
+class Tracker:
+    """The rank-0 side of an MLflow run. All methods are safe to call when disabled."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, spool: Path, flush_every_s: float = 5.0) -> None:
+        self.run_id = run_id
+        self.enabled = bool(run_id)
+        self.uri = tracking_uri(cfg)
+        self.spool = spool
+        self.warned = False
+        self.queue: queue.Queue = queue.Queue()
+        self.flush_every_s = flush_every_s
+        self.closed = threading.Event()
+        self.thread = None
+        if self.enabled:
+            self.client = _client(self.uri)
+            self.thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
+            self.thread.start()
+
+    # -- what training calls ------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self._call(lambda: self.client.get_run(self.run_id).data.params) or {}
+        fresh = [Param(k, v) for k, v in redact(params).items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self._call(lambda chunk=fresh[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_config(self, cfg: RunConfig) -> None:
+        self.log_params(flatten(cfg))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self._call(lambda k=key, v=value: self.client.set_tag(self.run_id, k, v))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued; sent in batches by the background thread."""
+        if self.enabled:
+            stamp = int(time.time() * 1000)
+            for key, value in metrics.items():
+                self.queue.put((key, float(value), stamp, step))
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled:
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+    def log_model(self, model: Any, name: str, register_as: str = "") -> None:
+        """The exported model as an MLflow PyTorch model (optionally registered)."""
+        if not self.enabled:
+            return
+
+        def log() -> None:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(model, name=name, registered_model_name=register_as or None)
+
+        self._call(log)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.closed.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        self._flush()
+        self._call(lambda: self.client.set_terminated(self.run_id, status=status))
+
+    # -- delivery -----------------------------------------------------------------------------
+    def _call(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self._warn(err)
+            return None
+
+    def _warn(self, err: BaseException) -> None:
+        if not self.warned:
+            self.warned = True
+            print(
+                f"warning: MLflow at {self.uri} is unreachable ({_first_line(err)}); metrics are kept in "
+                f"{self.spool} and sent when it is back. Training continues.",
+                file=sys.stderr,
+            )
+
+    def _worker(self) -> None:
+        while not self.closed.wait(self.flush_every_s):
+            self._flush()
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric
+
+        pending = []
+        while True:
+            try:
+                pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        if self.spool.is_file():  # earlier metrics that could not be sent
+            pending = [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line] + pending
+        if not pending:
+            return
+        try:
+            for i in range(0, len(pending), 1000):
+                chunk = [Metric(k, v, t, s) for k, v, t, s in pending[i : i + 1000]]
+                self.client.log_batch(self.run_id, metrics=chunk)
+            self.spool.unlink(missing_ok=True)
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.spool.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(list(p)) + "\n" for p in pending))
+            tmp.replace(self.spool)

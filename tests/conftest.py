@@ -1,0 +1,30 @@
+"""Shared fixtures: the demo dataset, built once per test session, on disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_demo_dataset import make_demo_dataset  # noqa: E402
+
+from lsa_dist.data.convert import ConvertOptions, convert  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "imagenet"
+    counts = make_demo_dataset(out)
+    assert counts == {"train": 1438, "val": 359}
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted")
+    convert(demo_source, out, "both", options=ConvertOptions(samples_per_shard=150), workers=2)
+    return out
