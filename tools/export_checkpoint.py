@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             metrics = evaluate(model, cfg, device)
-            line = f"val top-1 {metrics['val/top1']:.2f}%  top-5 {metrics['val/top5']:.2f}%  loss {metrics['val/loss']:.4f}"
+            top = f"val top-1 {metrics['val/top1']:.2f}%  top-5 {metrics['val/top5']:.2f}%"
+            line = f"{top}  loss {metrics['val/loss']:.4f}"
             print(f"{folder}: {line}  ({metrics['samples']:.0f} images)")
             return 0
         out = args.out or folder.parent.parent / "export.pt"
