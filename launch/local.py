@@ -126,31 +126,48 @@ def launch(cfg: RunConfig, nproc: int) -> int:
                 p.send_signal(signal.SIGTERM)
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    died: dict[int, float] = {}  # rank -> when it exited: the first failure is the cause
+
+    def watch(rank: int, proc: subprocess.Popen) -> None:
+        proc.wait()
+        died[rank] = time.monotonic()
+
+    watchers = [threading.Thread(target=watch, args=(r, p), daemon=True) for r, p in enumerate(procs)]
+    for w in watchers:
+        w.start()
     failed = None
     try:
         while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                code = p.poll()
-                if code not in (None, 0, 3) and failed is None:
-                    failed = (rank, code)
-                    for other in procs:
-                        if other.poll() is None:
-                            other.kill()
-            time.sleep(0.2)
+            bad = [r for r in died if procs[r].returncode not in (0, 3)]
+            if bad and failed is None:
+                failed = min(bad, key=died.get)
+                for other in procs:
+                    if other.poll() is None:
+                        other.kill()
+            time.sleep(0.1)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        for w in watchers:
+            w.join(timeout=10)
         for pump in pumps:
             pump.join(timeout=10)
     codes = [p.returncode for p in procs]
     if failed is None and any(c not in (0, 3) for c in codes):
-        failed = next((r, c) for r, c in enumerate(codes) if c not in (0, 3))
+        failed = min((r for r, c in enumerate(codes) if c not in (0, 3)), key=lambda r: died.get(r, 0.0))
     if failed is not None:
-        rank, code = failed
+        code = codes[failed]
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"\nerror: rank {rank} failed ({how}); its last lines:", file=sys.stderr)
-        if rank != 0 or code != 2:
-            sys.stderr.write("".join(line for line in tails[rank] if "\r" not in line))
+        print(f"\nerror: rank {failed} failed ({how}); its last lines:", file=sys.stderr)
+        if failed != 0 or code != 2:
+            sys.stderr.write("".join(line for line in tails[failed] if "\r" not in line))
+        others = [
+            f"rank {r} ({'signal ' + str(-c) if c < 0 else 'exit ' + str(c)})"
+            for r, c in enumerate(codes)
+            if r != failed and c not in (0, 3)
+        ]
+        if others:
+            print(f"then stopped: {', '.join(others)}", file=sys.stderr)
         print(f"all logs: {run_dir / 'logs'}", file=sys.stderr)
         return 2 if code == 2 else 1
     if 3 in codes:

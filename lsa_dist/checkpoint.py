@@ -119,6 +119,10 @@ class CheckpointManager:
             atomic_write_json(self.staging / tag / META, meta)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier attempt
             (self.staging / tag).rename(final)
+            try:
+                self.staging.rmdir()
+            except OSError:  # another checkpoint is being staged
+                pass
             atomic_write_bytes(self.root / "latest", tag.encode())
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -279,7 +279,12 @@ class ShiftAttention(nn.Module):
             attn = torch.bmm(q_in, rows.transpose(1, 2)).softmax(dim=-1)
             mixed = torch.bmm(self.attn_drop(attn), rows)
         else:
-            mixed = _ShiftMix.apply(q_in, rows)  # (BN, H, D)
+            device_type = rows.device.type
+            if torch.is_autocast_enabled(device_type):  # the Function runs in autocast's dtype itself
+                dtype = torch.get_autocast_dtype(device_type)
+                q_in, rows = q_in.to(dtype), rows.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                mixed = _ShiftMix.apply(q_in, rows)  # (BN, H, D)
         if hk == 1:
             out = mixed @ w_v[0].t()
         else:

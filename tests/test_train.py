@@ -1,0 +1,287 @@
+"""Training end to end: real DeepSpeed (and fairscale) engines across 2 gloo processes
+started by launch/local.py, on the demo shards, with a tiny LSA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file
+from lsa_dist.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.options.widths=[16,16]",
+    "model.options.heads=[2,2]",
+    "model.options.depths=[2,1]",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.num_workers=0",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "tracking.enabled=false",
+    "tracking.log_every=1",
+]
+
+
+def run_local(
+    tmp: Path, name: str, data: Path, *overrides: str, nproc: int = 2, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    cmd += [
+        "--nproc",
+        str(nproc),
+        f"data.root={data}",
+        f"train.output_dir={tmp}",
+        f"train.name={name}",
+        *TINY,
+        *overrides,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_model_file(run_dir / "model.pt").state_dict()
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_every_zero_stage_trains_and_matches_stage_0(demo_shards: Path, tmp_path: Path) -> None:
+    curves = {}
+    for stage in (0, 1, 2, 3):
+        proc = run_local(
+            tmp_path,
+            f"z{stage}",
+            demo_shards,
+            f"engine.zero_stage={stage}",
+            "engine.precision=fp32",
+            "train.max_steps=12",
+        )
+        assert_ok(proc)
+        curves[stage] = losses(tmp_path / f"z{stage}")
+    first, last = curves[0][1], curves[0][12]
+    assert last < first, f"the loss did not fall: {first} -> {last}"
+    for stage in (1, 2, 3):
+        for step, loss in curves[0].items():
+            assert curves[stage][step] == pytest.approx(loss, rel=2e-4, abs=1e-5), (stage, step)
+
+
+def test_activation_checkpointing_gives_the_same_losses(demo_shards: Path, tmp_path: Path) -> None:
+    common = ("engine.precision=fp32", "train.max_steps=6")
+    for stage in (2, 3):
+        assert_ok(run_local(tmp_path, f"plain{stage}", demo_shards, f"engine.zero_stage={stage}", *common))
+        assert_ok(
+            run_local(
+                tmp_path,
+                f"ckpt{stage}",
+                demo_shards,
+                f"engine.zero_stage={stage}",
+                "engine.activation_checkpointing=all",
+                *common,
+            )
+        )
+        assert losses(tmp_path / f"ckpt{stage}") == pytest.approx(losses(tmp_path / f"plain{stage}"), rel=1e-6)
+    assert_ok(
+        run_local(
+            tmp_path,
+            "every2",
+            demo_shards,
+            "engine.activation_checkpointing=every_k",
+            "engine.checkpoint_every_k=2",
+            "engine.precision=bf16",
+            "train.max_steps=6",
+        )
+    )
+    assert_ok(run_local(tmp_path, "bf16", demo_shards, "engine.precision=bf16", "train.max_steps=6"))
+    assert losses(tmp_path / "every2") == losses(tmp_path / "bf16")
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        ("engine.zero_stage=0",),
+        ("engine.zero_stage=1",),
+        ("engine.zero_stage=3",),
+        ("engine.backend=fairscale", "engine.zero_stage=1"),
+    ],
+    ids=["zero0", "zero1", "zero3", "fairscale"],
+)
+def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tuple[str, ...]) -> None:
+    # 50 steps straight, against 23 steps (mid-epoch: 44 steps per epoch) and a resume to 50
+    common = (*engine, "engine.precision=bf16", "checkpoint.every_steps=0")
+    assert_ok(run_local(tmp_path, "straight", demo_shards, *common, "train.max_steps=50"))
+    assert_ok(run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=23"))
+    proc = run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=50")
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout and "step 23" in proc.stdout
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert losses(tmp_path / "resumed")[50] == losses(tmp_path / "straight")[50]
+
+
+def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path) -> None:
+    """SIGINT to the launcher mid-epoch: workers checkpoint and stop; the same command finishes."""
+    args = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2")
+    assert_ok(run_local(tmp_path, "straight", demo_shards, *args))
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        "2",
+    ]
+    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=interrupted", *TINY, *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 30):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]
+    assert "stopped after checkpointing" in out
+    latest = CheckpointManager(tmp_path / "interrupted" / "checkpoints", 3, 0).latest()
+    step = json.loads((latest / "meta.json").read_text())["step"]
+    assert 30 <= step < 88 and step % 44 != 0, step  # mid-epoch
+    assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(demo_shards: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        "1",
+    ]
+    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=killed", *TINY]
+    cmd += ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "engine.zero_stage=1"]
+    root = tmp_path / "killed" / "checkpoints"
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.time() + 300
+        before = {p.name for p in root.glob("step-*")} if root.exists() else set()
+        # wait until a checkpoint is being written (its staging folder exists), then kill everything
+        while time.time() < deadline:
+            staging = list((root / ".staging").glob("step-*")) if (root / ".staging").exists() else []
+            if staging and {p.name for p in root.glob("step-*")} - before:
+                break
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path / "killed")], check=False)
+        proc.wait()
+        kills += 1
+        latest = CheckpointManager(root, 2, 0).latest()
+        assert latest is not None and (latest / "meta.json").is_file()
+        state, meta = export_fp32(latest)  # the previous checkpoint is whole and loadable
+        assert meta["step"] >= 1 and "head.weight" in state
+    assert kills == 3
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout
+    assert not list(root.glob(".staging/step-*"))  # the partial checkpoints were cleared
+
+
+def test_zero3_checkpoint_exports_to_a_plain_model(demo_shards: Path, tmp_path: Path) -> None:
+    assert_ok(
+        run_local(tmp_path, "z3", demo_shards, "engine.zero_stage=3", "engine.precision=fp32", "train.max_steps=10")
+    )
+    run = tmp_path / "z3"
+    export = tmp_path / "exported.pt"
+    proc = subprocess.run(
+        [sys.executable, "tools/export_checkpoint.py", str(run), "--out", str(export)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    exported, trained = load_model_file(export).eval(), load_model_file(run / "model.pt").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(exported(images), trained(images))
+    proc = subprocess.run(
+        [sys.executable, "tools/export_checkpoint.py", str(run), "--eval-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "val top-1" in proc.stdout, proc.stderr
+
+
+def test_bad_config_fails_before_any_process_starts(demo_shards: Path, tmp_path: Path) -> None:
+    proc = run_local(tmp_path, "bad", demo_shards, "optim.lrr=0.1")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == "error: optim.lrr: unknown key (Key 'lrr' not in 'OptimConfig'. Did you mean: 'lr'?); check the spelling against lsa_dist/config.py"
+    )
+    assert not (tmp_path / "bad").exists()
+    proc = run_local(tmp_path, "bad", demo_shards, "engine.backend=fairscale", "engine.zero_stage=3")
+    assert proc.returncode == 2 and "engine.zero_stage: 3 needs engine.backend=deepspeed" in proc.stderr
+    proc = run_local(tmp_path, "bad", demo_shards, "data.batch_size=10", "optim.grad_accum_steps=4")
+    assert proc.returncode == 2 and "data.batch_size: 10 is not divisible by optim.grad_accum_steps=4" in proc.stderr
+    proc = run_local(tmp_path, "bad", tmp_path / "nowhere")
+    assert proc.returncode == 2 and "no dataset.json in" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_crashing_worker_ends_the_job_with_its_error(demo_shards: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        "2",
+    ]
+    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=crash", *TINY, "optim.epochs=50"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "crash" / "logs" / "rank1.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        log.exists() and "run crash" in (tmp_path / "crash" / "logs" / "rank0.log").read_text()
+    ):
+        time.sleep(0.1)
+    time.sleep(2)
+    subprocess.run(
+        ["pkill", "-9", "-f", "-n", f"{tmp_path / 'crash'}/launch_config.yaml"], check=False
+    )  # the newest worker
+    start = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert time.time() - start < 60
+    assert "failed (signal 9)" in err
+
+
+def test_config_overrides_and_saved_config(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=1e-3", "data.batch_size=8"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 8 and cfg.engine.zero_stage == 2
+    with pytest.raises(ConfigError, match="model.options.heads: stage 0: width 64 is not divisible by 3 heads"):
+        load_config(ROOT / "configs" / "demo.yaml", ["model.options.heads=[3,3,3]"])
+    with pytest.raises(ConfigError, match="config file .* does not exist"):
+        load_config(tmp_path / "missing.yaml")
