@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-model clean
+.PHONY: setup demo test lint bench-model bench-data bench-train clean
 
 $(STAMP): setup.cfg pyproject.toml tools/setup_system.sh
 	tools/setup_system.sh
@@ -13,13 +13,16 @@ $(STAMP): setup.cfg pyproject.toml tools/setup_system.sh
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[ffcv,dev]'
+	$(BIN)/python -c "from lsa_dist.engine import warm_up; warm_up()" > /dev/null 2>&1
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-## The main job on built-in data: for now the model benchmark (lsa_tiny, batch 8, fp32).
+## The main job on built-in data: the digits demo dataset, converted, trained with 2 processes.
 demo: $(STAMP)
-	$(BIN)/python tools/benchmark_model.py --model lsa_tiny --batch-size 8 --steps 6
+	$(BIN)/python tools/make_demo_dataset.py --out data/demo/imagenet
+	$(BIN)/python tools/convert_imagenet.py --src data/demo/imagenet --out data/demo/shards --samples-per-shard 200
+	$(BIN)/python launch/local.py --config configs/demo.yaml
 
 ## The test suite (slow end-to-end tests included).
 test: $(STAMP)
@@ -31,6 +34,13 @@ lint: $(STAMP)
 
 bench-model: $(STAMP)
 	$(BIN)/python tools/benchmark_model.py --model lsa_tiny --batch-size 8 --steps 10 --compile --json runs/bench/model.json
+
+bench-data: $(STAMP)
+	$(BIN)/python tools/benchmark_convert.py --json runs/bench/convert.json
+	$(BIN)/python tools/benchmark_data.py --json runs/bench/data.json
+
+bench-train: $(STAMP)
+	$(BIN)/python tools/benchmark_train.py --json runs/bench/train.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -173,6 +173,11 @@ def launch(cfg: RunConfig, nproc: int) -> int:
     if 3 in codes:
         print(f"stopped after checkpointing; run the same command to resume ({run_dir / 'checkpoints'})")
         return 3
+    print(f"\nrun folder: {run_dir} (metrics.jsonl, checkpoints/, model.pt, logs/)")
+    if run_id:
+        from lsa_dist.tracking import tracking_uri
+
+        print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {run_id})")
     return 0
 
 

@@ -305,3 +305,23 @@ def build_engine(cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: i
         return FairscaleEngine(cfg, model, steps_per_epoch, world_size, device)
     apply_activation_checkpointing(model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k)
     return DeepSpeedEngine(cfg, model.to(device), steps_per_epoch, world_size)
+
+
+def warm_up() -> None:
+    """Build DeepSpeed's JIT-compiled ops once (set-up calls this) so that runs and tests
+    find them in the torch extensions cache instead of compiling for a minute."""
+    import os
+    import socket
+
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    model = nn.Linear(4, 4)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    dist.destroy_process_group()

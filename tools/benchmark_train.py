@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""What the training system costs on top of the model, and what ZeRO saves per rank.
+
+1. Throughput: images/s of the real training run (launch/local.py: data pipeline from shards,
+   DeepSpeed engine, metrics, checkpoint-free steady state) against the model-only step (the
+   same model, batch and precision, forward + backward + AdamW, data already in memory, the
+   same threads per process), measured in the same run. Ratio target: at least 0.9.
+2. Memory: bytes held by each rank's model states (weights, gradients, optimizer state) after
+   two steps, for ZeRO 0/1/2/3 and fairscale OSS with 2 processes, on a model with lsa_large's
+   widths (its depth scaled down to fit a small machine).
+
+    python tools/benchmark_train.py [--config configs/demo.yaml] [--steps 60] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MEMORY_CASES = [
+    ("ZeRO-0", ["engine.backend=deepspeed", "engine.zero_stage=0"]),
+    ("ZeRO-1", ["engine.backend=deepspeed", "engine.zero_stage=1"]),
+    ("ZeRO-2", ["engine.backend=deepspeed", "engine.zero_stage=2"]),
+    ("ZeRO-3", ["engine.backend=deepspeed", "engine.zero_stage=3"]),
+    ("fairscale OSS", ["engine.backend=fairscale", "engine.zero_stage=1"]),
+]
+LARGE_LIKE = [
+    "model.name=lsa_large",
+    "model.options.depths=[1,1,4]",
+    "model.options.image_size=64",
+    "data.image_size=64",
+]
+
+
+def model_only_worker(cfg_path: Path, overrides: list[str], steps: int, threads: int) -> dict:
+    """Images/s of forward + backward + AdamW on in-memory data (runs in its own process)."""
+    import torch
+
+    from lsa_dist.config import load_config, model_overrides
+    from lsa_dist.data import load_dataset_info
+    from lsa_dist.models import create_model
+
+    torch.set_num_threads(threads)
+    cfg = load_config(cfg_path, overrides)
+    info = load_dataset_info(cfg.data.root)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+    model = create_model(cfg.model.name, **model_overrides(cfg, info.num_classes)).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    images = torch.randn(batch, 3, size, size, dtype=dtype)
+    labels = torch.randint(0, info.num_classes, (batch,))
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(images).float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"images_per_s": steps * batch / (time.perf_counter() - start)}
+
+
+def memory_worker(cfg_path: Path, overrides: list[str]) -> dict:
+    """Bytes held by tensors after building the engine and two steps (one rank of two)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lsa_dist import dist as D
+    from lsa_dist.config import load_config, model_overrides
+    from lsa_dist.engine import build_engine
+    from lsa_dist.models import count_parameters, create_model
+
+    env = D.discover()
+    device = D.init(env)
+    cfg = load_config(cfg_path, overrides)
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = create_model(cfg.model.name, **model_overrides(cfg, 10))
+        params = count_parameters(model)
+        engine = build_engine(cfg, model, 100, env.world_size, device)
+        images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(engine.forward(images), labels)
+            engine.backward(loss)
+            engine.step()
+        del loss
+    live = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return {"rank": env.rank, "live_mb": live / 2**20, "params": params}
+
+
+def _worker(kind: str, *args: str) -> list:
+    return [sys.executable, __file__, "--worker", kind, *args]
+
+
+def model_only_rate(cfg_path: Path, overrides: list[str], steps: int, threads: int) -> float:
+    cmd = _worker("model", str(cfg_path), str(steps), str(threads), *overrides)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
+def end_to_end_rate(cfg_path: Path, overrides: list[str], workdir: Path, nproc: int, steps: int) -> float:
+    """Steady-state images/s logged by a real training run (first log window skipped)."""
+    name = f"e2e{nproc}"
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--config", str(cfg_path), "--nproc", str(nproc)]
+    cmd += [*overrides, f"train.output_dir={workdir}", f"train.name={name}", f"train.max_steps={steps}"]
+    cmd += [
+        "tracking.enabled=false",
+        "tracking.log_every=10",
+        "checkpoint.export_at_end=false",
+        "train.eval_every=1000",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        raise SystemExit(f"training run failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r][1:]
+    return sum(rates) / len(rates)
+
+
+def memory_per_rank(cfg_path: Path, overrides: list[str]) -> tuple[float, int]:
+    from launch.local import free_port, worker_env
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = worker_env(rank, 2, port, "")
+        cmd = _worker("memory", str(cfg_path), *overrides)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise SystemExit(f"memory run {overrides} failed:\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return max(r["live_mb"] for r in results), results[0]["params"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per throughput run")
+    parser.add_argument("--nproc", type=int, default=1, help="processes of the end-to-end run (default 1)")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the throughput runs")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        kind, cfg_path, *rest = args.worker
+        if kind == "model":
+            print(json.dumps(model_only_worker(Path(cfg_path), rest[2:] + args.overrides, int(rest[0]), int(rest[1]))))
+            return 0
+        from lsa_dist import dist as D
+
+        print(json.dumps(memory_worker(Path(cfg_path), rest + args.overrides)), flush=True)
+        D.shutdown(0)
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    results: dict = {"config": str(args.config), "nproc": args.nproc}
+    with tempfile.TemporaryDirectory(prefix="lsa-bench-train-") as tmp:
+        workdir = Path(tmp)
+        e2e = end_to_end_rate(args.config, args.overrides, workdir, args.nproc, args.steps)
+        model_only = model_only_rate(args.config, args.overrides, args.steps // 2, threads) * args.nproc
+        results["throughput"] = {"end_to_end": e2e, "model_only": model_only, "ratio": e2e / model_only}
+        print(f"\nthroughput ({args.config.name}, {args.nproc} process(es) x {threads} threads)")
+        print(f"{'':<34} {'images/s':>9}")
+        print(f"{'model-only step (data in memory)':<34} {model_only:>9.1f}")
+        print(f"{'training run (launch/local.py)':<34} {e2e:>9.1f}")
+        print(f"{'ratio':<34} {e2e / model_only:>9.2f}")
+        if not args.skip_memory:
+            memory = {}
+            base = [*LARGE_LIKE, "data.batch_size=2", "engine.precision=bf16"]
+            for label, case in MEMORY_CASES:
+                start = time.perf_counter()
+                memory[label], params = memory_per_rank(args.config, base + case)
+                print(f"  measured {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            results["memory_mb_per_rank"] = memory
+            print(f"\nmodel states per rank, 2 processes, bf16, {params / 1e6:.1f} M parameters (lsa_large widths)")
+            print(f"{'engine':<16} {'MB per rank':>12} {'vs ZeRO-0':>10}")
+            for label, mb in memory.items():
+                print(f"{label:<16} {mb:>12.0f} {mb / memory['ZeRO-0']:>9.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
