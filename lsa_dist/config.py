@@ -94,6 +94,7 @@ class EngineConfig:
     activation_checkpointing: str = "none"  # none | all | every_k
     checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+    bucket_size: int = 50_000_000  # elements per ZeRO reduce/all-gather/prefetch bucket
     peak_tflops: float = 0.0  # per device, for MFU; 0: a known GPU's peak, or measured on CPU
     compile: bool = False  # torch.compile the model
 

@@ -104,7 +104,14 @@ class DeepSpeedEngine:
         self.dtype = PRECISIONS[cfg.engine.precision]
         accum = cfg.optim.grad_accum_steps
         micro = cfg.data.batch_size // accum
-        zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+        bucket = cfg.engine.bucket_size
+        zero: dict[str, Any] = {
+            "stage": cfg.engine.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        }
+        if cfg.engine.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
         if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         ds_config: dict[str, Any] = {

@@ -73,7 +73,8 @@ def model_only_worker(cfg_path: Path, overrides: list[str], steps: int, threads:
 
 
 def memory_worker(cfg_path: Path, overrides: list[str]) -> dict:
-    """Bytes held by tensors after building the engine and two steps (one rank of two)."""
+    """Bytes held by tensors after building the engine and two steps, and their peak during
+    them (one rank of two): weights, gradients, optimizer state and communication buckets."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -84,7 +85,7 @@ def memory_worker(cfg_path: Path, overrides: list[str]) -> dict:
 
     env = D.discover()
     device = D.init(env)
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_config(None, overrides)  # the schema's defaults: an lsa_large-like model, no dataset needed
     batch, size = cfg.data.batch_size, cfg.data.image_size
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = create_model(cfg.model.name, **model_overrides(cfg, 10))
@@ -96,8 +97,12 @@ def memory_worker(cfg_path: Path, overrides: list[str]) -> dict:
             engine.backward(loss)
             engine.step()
         del loss
-    live = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    return {"rank": env.rank, "live_mb": live / 2**20, "params": params}
+    live = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    return {"rank": env.rank, "live_mb": live / 2**20, "peak_mb": peak / 2**20, "params": params}
 
 
 def _worker(kind: str, *args: str) -> list:
@@ -121,7 +126,7 @@ def end_to_end_rate(cfg_path: Path, overrides: list[str], workdir: Path, nproc: 
         "checkpoint.export_at_end=false",
         "train.eval_every=1000",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"training run failed:\n{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
@@ -129,7 +134,7 @@ def end_to_end_rate(cfg_path: Path, overrides: list[str], workdir: Path, nproc: 
     return sum(rates) / len(rates)
 
 
-def memory_per_rank(cfg_path: Path, overrides: list[str]) -> tuple[float, int]:
+def memory_per_rank(cfg_path: Path, overrides: list[str]) -> tuple[dict, int]:
     from launch.local import free_port, worker_env
 
     port, procs = free_port(), []
@@ -143,7 +148,8 @@ def memory_per_rank(cfg_path: Path, overrides: list[str]) -> tuple[float, int]:
         if proc.returncode != 0:
             raise SystemExit(f"memory run {overrides} failed:\n{err[-2000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
-    return max(r["live_mb"] for r in results), results[0]["params"]
+    worst = {key: max(r[key] for r in results) for key in ("live_mb", "peak_mb")}
+    return worst, results[0]["params"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ratio':<34} {e2e / model_only:>9.2f}")
         if not args.skip_memory:
             memory = {}
-            base = [*LARGE_LIKE, "data.batch_size=2", "engine.precision=bf16"]
+            base = [*LARGE_LIKE, "data.batch_size=2", "engine.precision=bf16", "engine.bucket_size=5000000"]
             for label, case in MEMORY_CASES:
                 start = time.perf_counter()
                 memory[label], params = memory_per_rank(args.config, base + case)
                 print(f"  measured {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             results["memory_mb_per_rank"] = memory
             print(f"\nmodel states per rank, 2 processes, bf16, {params / 1e6:.1f} M parameters (lsa_large widths)")
-            print(f"{'engine':<16} {'MB per rank':>12} {'vs ZeRO-0':>10}")
+            print(f"{'engine':<16} {'held after step':>16} {'vs ZeRO-0':>10} {'peak in step':>13} {'vs ZeRO-0':>10}")
+            zero0 = memory["ZeRO-0"]
             for label, mb in memory.items():
-                print(f"{label:<16} {mb:>12.0f} {mb / memory['ZeRO-0']:>9.2f}x")
+                held, peak = mb["live_mb"], mb["peak_mb"]
+                print(
+                    f"{label:<16} {held:>13.0f} MB {held / zero0['live_mb']:>9.2f}x "
+                    f"{peak:>10.0f} MB {peak / zero0['peak_mb']:>9.2f}x"
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
