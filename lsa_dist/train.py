@@ -33,7 +33,7 @@ from .engine import build_engine
 from .models import count_macs, create_model
 from .tracking import RUN_ID_ENV, Tracker, prepare, system_info
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM via submitit
 PREEMPTED_EXIT = 3  # a worker that checkpointed on request and stopped
 
 
@@ -51,7 +51,7 @@ class Result:
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT/SIGUSR1: checkpoint at the next step boundary and stop."""
+    """Set by SIGTERM/SIGINT/SIGUSR1/SIGUSR2: checkpoint at the next step boundary and stop."""
 
     def __init__(self) -> None:
         self.requested = False

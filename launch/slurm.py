@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Train on a SLURM cluster through submitit.
+
+    python launch/slurm.py --nodes 4 --gpus-per-node 8 --config configs/lsa_large.yaml [key=value ...]
+
+Validates the config (and, where they are reachable, the dataset and the partition) before
+submitting, prepares the MLflow run, submits, and prints the job id, the log paths, the
+MLflow run and the command to follow the logs. `--wait` blocks until the job ends and exits
+with its status; `--dry-run` prints the resolved config and the sbatch script and submits
+nothing (no cluster needed).
+
+Inside the job, every task takes its rank, local rank, world size and master address from
+submitit (nodes are told apart by SLURM, not by hostname) and calls lsa_dist.train.main.
+Before a preemption or the time limit SLURM signals the job (USR2): the ranks finish the
+step, save a checkpoint together, rank 0 hands over to submitit's checkpoint/requeue
+(TrainJob.checkpoint), and the requeued job resumes from that checkpoint into the same
+MLflow run.
+
+Cluster defaults: launch.slurm.* in the config, overridden by LSA_SLURM_PARTITION,
+LSA_SLURM_ACCOUNT, LSA_SLURM_QOS and LSA_SLURM_CONSTRAINT, overridden by the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lsa_dist.config import ConfigError, RunConfig, load_config, to_yaml  # noqa: E402
+from lsa_dist.jobs import TrainJob  # noqa: E402
+
+
+def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
+    s = cfg.launch.slurm
+    values = dataclasses.asdict(s)
+    for key in ("partition", "account", "qos", "constraint"):
+        values[key] = os.environ.get(f"LSA_SLURM_{key.upper()}", values[key])
+    return values
+
+
+def executor_parameters(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:
+    """submitit's SLURM parameters from flags > environment > config."""
+    d = slurm_defaults(cfg)
+
+    def pick(flag: Any, key: str) -> Any:
+        return flag if flag not in (None, "") else d[key]
+
+    gpus = pick(args.gpus_per_node, "gpus_per_node")
+    params: dict[str, Any] = {
+        "nodes": args.nodes or cfg.launch.nodes,
+        "tasks_per_node": args.tasks_per_node or max(1, gpus),
+        "cpus_per_task": pick(args.cpus_per_task, "cpus_per_task"),
+        "timeout_min": pick(args.time, "time_min"),
+        "name": args.job_name or d["job_name"] or f"lsa-{cfg.train.name}",
+        "slurm_signal_delay_s": args.signal_delay,
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],  # one failed task ends the job
+        "slurm_additional_parameters": {},
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    mem = pick(args.mem_gb, "mem_gb")
+    if mem:
+        params["mem_gb"] = mem
+    for key, flag in (
+        ("partition", args.partition),
+        ("account", args.account),
+        ("qos", args.qos),
+        ("constraint", args.constraint),
+    ):
+        value = pick(flag, key)
+        if value:
+            params[f"slurm_{key}"] = value
+    if args.exclusive or d["exclusive"]:
+        params["slurm_exclusive"] = True
+    return params
+
+
+def check_partition(name: str) -> None:
+    """Fail before submitting if SLURM does not know the partition."""
+    if not shutil.which("sinfo"):
+        raise SystemExit("error: sinfo not found: this machine is not a SLURM submit host (use --dry-run to inspect)")
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "sinfo failed"
+        raise SystemExit(f"error: cannot reach the SLURM controller: {why}")
+    known = sorted(set(out.stdout.split()))
+    if name and name not in known:
+        raise SystemExit(f"error: unknown partition {name!r}; this cluster has: {', '.join(known)}")
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """--sweep optim.lr=1e-3,5e-4 --sweep model.drop_path_rate=0,0.1 -> the grid of overrides."""
+    axes = []
+    for sweep in sweeps:
+        key, sep, values = sweep.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"error: --sweep {sweep!r} is not key=v1,v2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(p) for p in itertools.product(*axes)] if axes else [[]]
+
+
+def make_executor(folder: Path, params: dict[str, Any]):  # noqa: ANN201 - submitit.AutoExecutor
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=1000)
+    executor.update_parameters(**params)
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default: launch.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="one task per GPU; 0: one task per node")
+    parser.add_argument(
+        "--tasks-per-node", type=int, default=None, help="tasks per node (default: GPUs per node, or 1)"
+    )
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--qos", default=None)
+    parser.add_argument("--constraint", default=None)
+    parser.add_argument("--time", type=int, default=None, help="time limit in minutes")
+    parser.add_argument("--job-name", default=None)
+    parser.add_argument("--job-dir", type=Path, default=None, help="submitit folder (default RUN/slurm/<job id>)")
+    parser.add_argument("--exclusive", action="store_true")
+    parser.add_argument(
+        "--signal-delay", type=int, default=90, help="seconds between the USR2 signal and the time limit"
+    )
+    parser.add_argument("--sweep", action="append", default=[], help="key=v1,v2: one job per value (grids multiply)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and sbatch script; submit nothing"
+    )
+    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    jobs = []
+    for point in sweep_points(args.sweep):
+        overrides = list(args.overrides) + point
+        if point:
+            suffix = "-".join(p.split("=", 1)[1] for p in point)
+            base = load_config(args.config, args.overrides).train.name if not args.dry_run else args.config.stem
+            overrides.append(f"train.name={base}-{suffix}")
+        try:
+            cfg = load_config(args.config, overrides)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        jobs.append(cfg)
+
+    params = executor_parameters(args, jobs[0])
+    world = params["nodes"] * params["tasks_per_node"]
+    if args.dry_run:
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        cfg = jobs[0]
+        print("# resolved config\n" + to_yaml(cfg))
+        sbatch = {k[len("slurm_") :] if k.startswith("slurm_") else k: v for k, v in params.items()}
+        sbatch["ntasks_per_node"] = sbatch.pop("tasks_per_node")
+        sbatch["time"] = sbatch.pop("timeout_min")
+        sbatch["job_name"] = sbatch.pop("name")
+        sbatch["signal_delay_s"] = sbatch.pop("signal_delay_s")
+        if "mem_gb" in sbatch:
+            sbatch["mem"] = f"{sbatch.pop('mem_gb')}GB"
+        folder = args.job_dir or cfg.run_dir.resolve() / "slurm" / "%j"
+        command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+        print("# sbatch script (submitit)\n" + _make_sbatch_string(command=command, folder=folder, **sbatch))
+        print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; nothing submitted")
+        return 0
+
+    from lsa_dist.data import DatasetError, load_dataset_info
+    from lsa_dist.tracking import prepare
+
+    check_partition(params.get("slurm_partition", ""))
+    # jobs inherit this environment (sbatch --export=ALL): make the checkout importable there too
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    submitted = []
+    for cfg in jobs:
+        if Path(cfg.data.root).is_dir() or not Path(cfg.data.root).is_absolute():
+            try:
+                load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world, cfg.data.batch_size)
+            except DatasetError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        run_dir = cfg.run_dir.resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = run_dir / "slurm_config.yaml"
+        resolved.write_text(to_yaml(cfg))
+        previous = ""
+        from lsa_dist.checkpoint import CheckpointManager
+
+        latest = CheckpointManager(run_dir / "checkpoints", 1, 0).latest() if cfg.train.resume == "auto" else None
+        if latest is not None:
+            import json
+
+            previous = json.loads((latest / "meta.json").read_text()).get("run_id", "")
+        run_id = prepare(cfg, previous)
+        executor = make_executor(args.job_dir or run_dir / "slurm" / "%j", params)
+        job = executor.submit(TrainJob(str(resolved), run_id))
+        submitted.append((cfg, job, run_id))
+        stdout = job.paths.stdout
+        print(
+            f"submitted job {job.job_id}: {cfg.train.name}, {params['nodes']} nodes x {params['tasks_per_node']} tasks"
+        )
+        print(f"  logs:   {stdout} (rank 0), {job.paths.folder} (all tasks)")
+        print(f"  follow: tail -f {stdout}")
+        print(f"  MLflow run {run_id or 'off'}; run folder {run_dir}")
+    if not args.wait:
+        return 0
+    return wait(submitted)
+
+
+def wait(submitted: list) -> int:
+    """Block until every job ends; show each failure with the failing task's error."""
+    code = 0
+    start = time.time()
+    for cfg, job, _ in submitted:
+        try:
+            result = job.results()[0]  # task 0 (rank 0) speaks for the job
+        except Exception as err:  # noqa: BLE001 - submitit raises several types for failed jobs
+            code = 1
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(
+                f"job {job.job_id} ({cfg.train.name}) failed after {time.time() - start:.0f} s: {first}",
+                file=sys.stderr,
+            )
+            for task in range(job.num_tasks):
+                try:
+                    text = job.task(task).stderr() or ""
+                except Exception:  # noqa: BLE001
+                    text = ""
+                lines = [line for line in text.splitlines() if line.strip() and "submitit" not in line]
+                errors = [
+                    i
+                    for i, line in enumerate(lines)
+                    if line.startswith(("Traceback", "error:", "srun: error")) or "Error" in line
+                ]
+                if errors:
+                    print(f"--- task {task} ---", file=sys.stderr)
+                    print("\n".join(lines[errors[0] : errors[0] + 25]), file=sys.stderr)
+            continue
+        metrics = result.get("metrics", {})
+        top1 = metrics.get("val/top1")
+        shown = f"val top-1 {top1:.2f}%" if top1 is not None else "no eval"
+        print(f"job {job.job_id} ({cfg.train.name}) {result['status']}: {shown}; checkpoint {result['checkpoint']}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

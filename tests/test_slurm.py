@@ -1,0 +1,264 @@
+"""launch/slurm.py against a real SLURM 22.05 cluster (munged, slurmdbd + MariaDB, slurmctld,
+4 slurmd's emulating nodes n1..n4 on this machine), started by tools/slurm_cluster.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsa_dist.checkpoint import load_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.options.widths=[16,16]",
+    "model.options.heads=[2,2]",
+    "model.options.depths=[2,1]",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.num_workers=0",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "tracking.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, str]:
+    """The cluster's environment; started here unless it already runs (CI starts it)."""
+    script = ROOT / "tools" / "slurm_cluster.sh"
+    was_running = (
+        subprocess.run([str(script), "status"], capture_output=True, text=True).stdout.count("running (pid") >= 4
+    )
+    proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    env = dict(os.environ)
+    conf = (
+        subprocess.run([str(script), "env"], capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+    )
+    env["SLURM_CONF"] = conf
+    yield env
+    if not was_running:
+        subprocess.run([str(script), "stop"], capture_output=True, timeout=120)
+
+
+def slurm(env: dict, tmp: Path, name: str, data: Path, *args: str, wait: bool = True, timeout: int = 900):
+    """launch/slurm.py with flags and key=value overrides in `args` (overrides win over TINY)."""
+    flags = [a for a in args if "=" not in a or a.startswith("--")]
+    overrides = [a for a in args if "=" in a and not a.startswith("--")]
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *flags]
+    cmd += [f"data.root={data}", f"train.output_dir={tmp}", f"train.name={name}", *TINY, *overrides]
+    cmd += [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+    if wait:
+        cmd.append("--wait")
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+
+
+def local(tmp: Path, name: str, data: Path, nproc: int, *args: str) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        str(nproc),
+    ]
+    cmd += [
+        f"data.root={data}",
+        f"train.output_dir={tmp}",
+        f"train.name={name}",
+        *TINY,
+        "tracking.enabled=false",
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_model_file(a / "model.pt").state_dict(), load_model_file(b / "model.pt").state_dict()
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def mlflow_runs(tmp: Path, name: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lsa_demo")
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+def test_dry_run_prints_the_sbatch_script_without_a_cluster(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "lsa_large.yaml")]
+    cmd += ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", f"train.output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --cpus-per-task=10",
+    ):
+        assert line in out, line
+    assert "srun" in out and "--kill-on-bad-exit=1" in out and "submitit.core._submit" in out
+    assert "zero_stage: 3" in out and "4 nodes x 8 tasks = 32 ranks; nothing submitted" in out
+    assert not (tmp_path / "lsa_large").exists()
+
+
+def test_bad_config_or_unknown_partition_submits_nothing(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=cluster).stdout
+    proc = slurm(cluster, tmp_path, "bad", demo_shards, "--nodes", "2", "optim.lrr=1")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: optim.lrr: unknown key")
+    proc = slurm(cluster, tmp_path, "bad", demo_shards, "--nodes", "2", "--partition", "nope")
+    assert proc.returncode != 0 and "unknown partition 'nope'; this cluster has: batch, urgent" in proc.stderr
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=cluster).stdout
+    assert before == after
+    assert not (tmp_path / "bad" / "slurm").exists()
+
+
+@pytest.mark.parametrize("nodes,tasks", [(2, 1), (4, 1), (2, 2)], ids=["2x1", "4x1", "2x2"])
+def test_multi_node_job_matches_the_local_run(
+    cluster: dict, demo_shards: Path, tmp_path: Path, nodes: int, tasks: int
+) -> None:
+    steps = ("train.max_steps=12", "data.batch_size=8")
+    args = ("--nodes", str(nodes), "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--time", "30")
+    start = time.time()
+    proc = slurm(cluster, tmp_path, "cluster", demo_shards, *args, *steps)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "finished: val top-1" in proc.stdout
+    local(tmp_path, "local", demo_shards, nodes * tasks, *steps)
+    assert same_weights(tmp_path / "cluster", tmp_path / "local")
+    runs = mlflow_runs(tmp_path, "cluster")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["data.batch_size"] == "8" and "val/top1" in runs[0].data.metrics
+    assert runs[0].data.tags["sys.world_size"] == str(nodes * tasks) and runs[0].data.tags["sys.slurm_job_id"]
+    rows = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
+    print(f"{nodes} nodes x {tasks} tasks: submission to first step {rows[0]['time'] - start:.1f} s")
+
+
+LONG = ("optim.epochs=12", "data.batch_size=8", "checkpoint.every_steps=0")
+LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: dict, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the long job, never interrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = slurm(cluster, tmp, "reference", demo_shards, *LONG_FLAGS, "--time", "30", *LONG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "reference"
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 600) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists():
+            rows = [line for line in metrics.read_text().splitlines() if '"train/loss"' in line]
+            if rows and json.loads(rows[-1])["step"] >= step:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{run} did not reach step {step}")
+
+
+def test_preemption_checkpoints_requeues_and_finishes_identically(
+    cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    job = slurm(cluster, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
+    wait_for_step(tmp_path / "preempted", 100)
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "urgent",
+            "-N",
+            "4",
+            "--exclusive",
+            "-o",
+            str(tmp_path / "urgent.out"),
+            "--wrap",
+            "sleep 5",
+        ],
+        capture_output=True,
+        text=True,
+        env=cluster,
+        check=True,
+    ).stdout.strip()
+    out, err = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-2000:] + err[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "preempted" / "slurm").rglob("*_0_log.out"))
+    assert "stop requested (SIGUSR2)" in logs and "resumed from" in logs
+    state = subprocess.run(
+        ["sacct", "-n", "-X", "-j", urgent, "-o", "state"], capture_output=True, text=True, env=cluster
+    ).stdout
+    assert "COMPLETED" in state
+    assert same_weights(tmp_path / "preempted", uninterrupted)
+    runs = mlflow_runs(tmp_path, "preempted")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # continued, not duplicated
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(runs[0].info.run_id, "train/loss")
+    assert max(m.step for m in history) == 12 * (1438 // 16)
+
+
+def test_time_limit_checkpoints_requeues_and_finishes_identically(
+    cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    # a 2-minute limit, USR2 60 s before it: the 12 epochs take several allocations
+    proc = slurm(
+        cluster, tmp_path, "timed", demo_shards, *LONG_FLAGS, "--time", "2", "--signal-delay", "60", *LONG, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "timed" / "slurm").rglob("*_0_log.out"))
+    assert "stop requested (SIGUSR2)" in logs and "resumed from" in logs
+    assert same_weights(tmp_path / "timed", uninterrupted)
+    assert len(mlflow_runs(tmp_path, "timed")) == 1
+
+
+def _task_pids(run: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run}/slurm/"], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def test_a_task_that_raises_ends_the_job_with_its_error(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_shards, data)
+    job = slurm(cluster, tmp_path, "raises", data, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
+    wait_for_step(tmp_path / "raises", 5)
+    for shard in (data / "wds").glob("train-*.tar"):  # the next shard any rank opens is unreadable
+        shard.write_bytes(b"\0" * 100)
+    broke = time.time()
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 1
+    assert time.time() - broke < 60
+    assert "failed" in err and "cannot read shard" in err and "DatasetError" in err
+
+
+def test_a_task_killed_with_sigkill_ends_the_job(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
+    job = slurm(cluster, tmp_path, "killed", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
+    wait_for_step(tmp_path / "killed", 5)
+    pids = _task_pids(tmp_path / "killed")
+    assert len(pids) >= 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    killed = time.time()
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 1
+    assert time.time() - killed < 60
+    assert "failed" in err and ("Killed" in err or "signal" in err.lower())
