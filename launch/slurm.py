@@ -226,11 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     return wait(submitted)
 
 
+def wait_until_gone(job_id: str, poll_s: float = 2.0) -> None:
+    """Block while the job is in SLURM's queue. A preempted or timed-out job goes back to
+    PENDING after its requeue, which submitit's own watcher may take for the end."""
+    misses = 0
+    while misses < 3:  # three empty answers in a row: not a passing hiccup of the controller
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
+        misses = misses + 1 if out.returncode == 0 and not out.stdout.strip() else 0
+        time.sleep(poll_s)
+
+
 def wait(submitted: list) -> int:
     """Block until every job ends; show each failure with the failing task's error."""
     code = 0
     start = time.time()
     for cfg, job, _ in submitted:
+        wait_until_gone(job.job_id)
         try:
             result = job.results()[0]  # task 0 (rank 0) speaks for the job
         except Exception as err:  # noqa: BLE001 - submitit raises several types for failed jobs

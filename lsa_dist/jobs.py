@@ -36,9 +36,13 @@ class TrainJob:
         cfg = load_config(self.config_path)
         result = main(cfg)
         if result.status == "stopped":
-            if env.rank == 0 and callable(requeue):
-                requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits
-            D.shutdown(PREEMPTED_EXIT)  # leave no result: the requeued job is the continuation
+            # USR2 is SLURM's warning before preemption or the time limit: requeue. Anything
+            # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
+            if result.stop_signal in ("SIGUSR2", "by another rank"):
+                if env.rank == 0 and callable(requeue):
+                    requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits
+                D.shutdown(PREEMPTED_EXIT)  # leave no result: the requeued job is the continuation
+            raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
         if dist.is_initialized():
             dist.destroy_process_group()
         return dataclasses.asdict(result)

@@ -48,6 +48,7 @@ class Result:
     checkpoint: str = ""
     run_id: str = ""
     run_dir: str = ""
+    stop_signal: str = ""  # what stopped it: SIGUSR2 (SLURM preemption / time limit), SIGTERM, ...
 
 
 class StopRequest:
@@ -272,7 +273,8 @@ def main(cfg: RunConfig) -> Result:
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 save()
             if D.any_rank(stop.requested, device):
-                _say(env, f"stop requested ({stop.signal or 'by another rank'}): checkpointing at step {state.step}")
+                stop.signal = stop.signal or "by another rank"
+                _say(env, f"stop requested ({stop.signal}): checkpointing at step {state.step}")
                 save()
                 status = "stopped"
                 break
@@ -311,7 +313,7 @@ def main(cfg: RunConfig) -> Result:
         tracker.log_metrics({k: v for k, v in last_metrics.items() if k.startswith("val/")}, state.step)
         _say(env, f"done: {_metrics_line(last_metrics)}; checkpoint {checkpoint}; weights {run_dir / 'model.pt'}")
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
-    return Result(status, state.epoch, state.step, last_metrics, checkpoint, state.run_id, str(run_dir))
+    return Result(status, state.epoch, state.step, last_metrics, checkpoint, state.run_id, str(run_dir), stop.signal)
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -50,6 +51,15 @@ def cluster() -> dict[str, str]:
     yield env
     if not was_running:
         subprocess.run([str(script), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_jobs(request: pytest.FixtureRequest) -> None:
+    """A failed test must not leave jobs that hold the emulated nodes for the next one."""
+    yield
+    if "cluster" in request.fixturenames:
+        env = request.getfixturevalue("cluster")
+        subprocess.run(["scancel", "-u", getpass.getuser()], env=env, capture_output=True)
 
 
 def slurm(env: dict, tmp: Path, name: str, data: Path, *args: str, wait: bool = True, timeout: int = 900):

@@ -4,7 +4,7 @@
 # slurmctld, and one slurmd per emulated node (n1..nN on 127.0.0.1). Everything lives under
 # $LSA_SLURM_DIR (default: <repo>/.slurm); no systemd; only the processes it started are stopped.
 #
-#   tools/slurm_cluster.sh start      install what is missing (root), configure, start, wait for idle nodes
+#   tools/slurm_cluster.sh start      install what is missing (root), configure, start, wait for the nodes
 #   tools/slurm_cluster.sh stop       stop our daemons
 #   tools/slurm_cluster.sh status     what runs, and sinfo
 #   eval "$(tools/slurm_cluster.sh env)"   point sbatch/squeue/sacct/submitit at this cluster
@@ -180,7 +180,7 @@ start_slurm() {
   for n in $(node_names); do
     pid_alive "$DIR/run/slurmd-$n.pid" || slurmd -N "$n"
   done
-  wait_for 60 "$NODES idle nodes" bash -c "[ \"\$(sinfo -h -p batch -t idle -o %D | awk '{s+=\$1} END {print s+0}')\" = \"$NODES\" ]"
+  wait_for 60 "$NODES responding nodes" bash -c "[ \"\$(sinfo -h -p batch -t idle,alloc,mix,comp -o %D | awk '{s+=\$1} END {print s+0}')\" = \"$NODES\" ]"
 }
 
 start() {
