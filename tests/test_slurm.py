@@ -62,15 +62,16 @@ def no_leftover_jobs(request: pytest.FixtureRequest) -> None:
         subprocess.run(["scancel", "-u", getpass.getuser()], env=env, capture_output=True)
 
 
-def slurm(env: dict, tmp: Path, name: str, data: Path, *args: str, wait: bool = True, timeout: int = 900):
-    """launch/slurm.py with flags and key=value overrides in `args` (overrides win over TINY)."""
+def slurm(env: dict, tmp: Path, name: str, data: Path, *args: str, background: bool = False, timeout: int = 900):
+    """`launch/slurm.py --wait` with flags and key=value overrides in `args` (overrides win over
+    TINY); with `background`, the running launcher (a Popen) instead of its result."""
     flags = [a for a in args if "=" not in a or a.startswith("--")]
     overrides = [a for a in args if "=" in a and not a.startswith("--")]
     cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *flags]
     cmd += [f"data.root={data}", f"train.output_dir={tmp}", f"train.name={name}", *TINY, *overrides]
     cmd += [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
-    if wait:
-        cmd.append("--wait")
+    cmd.append("--wait")
+    if not background:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
 
@@ -162,8 +163,8 @@ def test_multi_node_job_matches_the_local_run(
     print(f"{nodes} nodes x {tasks} tasks: submission to first step {rows[0]['time'] - start:.1f} s")
 
 
-LONG = ("optim.epochs=12", "data.batch_size=8", "checkpoint.every_steps=0")
-LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "2")
+LONG = ("optim.epochs=6", "checkpoint.every_steps=0")
+LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: an urgent job must preempt
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +191,8 @@ def wait_for_step(run: Path, step: int, timeout: float = 600) -> None:
 def test_preemption_checkpoints_requeues_and_finishes_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
-    job = slurm(cluster, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
-    wait_for_step(tmp_path / "preempted", 100)
+    job = slurm(cluster, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, background=True)
+    wait_for_step(tmp_path / "preempted", 60)
     urgent = subprocess.run(
         [
             "sbatch",
@@ -200,7 +201,8 @@ def test_preemption_checkpoints_requeues_and_finishes_identically(
             "urgent",
             "-N",
             "4",
-            "--exclusive",
+            "-c",
+            "4",
             "-o",
             str(tmp_path / "urgent.out"),
             "--wrap",
@@ -225,13 +227,13 @@ def test_preemption_checkpoints_requeues_and_finishes_identically(
     from mlflow import MlflowClient
 
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(runs[0].info.run_id, "train/loss")
-    assert max(m.step for m in history) == 12 * (1438 // 16)
+    assert max(m.step for m in history) == 6 * (1438 // 32)
 
 
 def test_time_limit_checkpoints_requeues_and_finishes_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
-    # a 2-minute limit, USR2 60 s before it: the 12 epochs take several allocations
+    # a 2-minute limit, USR2 60 s before it: the 6 epochs take more than one allocation
     proc = slurm(
         cluster, tmp_path, "timed", demo_shards, *LONG_FLAGS, "--time", "2", "--signal-delay", "60", *LONG, timeout=1500
     )
@@ -250,7 +252,7 @@ def _task_pids(run: Path) -> list[int]:
 def test_a_task_that_raises_ends_the_job_with_its_error(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(demo_shards, data)
-    job = slurm(cluster, tmp_path, "raises", data, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
+    job = slurm(cluster, tmp_path, "raises", data, *LONG_FLAGS, "--time", "30", *LONG, background=True)
     wait_for_step(tmp_path / "raises", 5)
     for shard in (data / "wds").glob("train-*.tar"):  # the next shard any rank opens is unreadable
         shard.write_bytes(b"\0" * 100)
@@ -262,7 +264,7 @@ def test_a_task_that_raises_ends_the_job_with_its_error(cluster: dict, demo_shar
 
 
 def test_a_task_killed_with_sigkill_ends_the_job(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
-    job = slurm(cluster, tmp_path, "killed", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, wait=False)
+    job = slurm(cluster, tmp_path, "killed", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, background=True)
     wait_for_step(tmp_path / "killed", 5)
     pids = _task_pids(tmp_path / "killed")
     assert len(pids) >= 2, pids
