@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,6 +237,23 @@ def wait_until_gone(job_id: str, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:|^srun: error|^error:|Killed|CANCELLED")
+
+
+def task_errors(job: Any, task: int) -> list[str]:
+    """The lines that say why a task failed: its final exception and SLURM's own messages."""
+    try:
+        text = job.task(task).stderr() or ""
+    except Exception:  # noqa: BLE001 - a task that never started has no log
+        return []
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line).rstrip() for line in text.splitlines()]
+    found = [line for line in lines if EXCEPTION_LINE.search(line) and "submitit" not in line]
+    exceptions = [line for line in found if not line.startswith(("srun", "slurmstepd"))]
+    return ([exceptions[-1]] if exceptions else []) + [
+        line for line in found if line.startswith(("srun", "slurmstepd"))
+    ]
+
+
 def wait(submitted: list) -> int:
     """Block until every job ends; show each failure with the failing task's error."""
     code = 0
@@ -252,19 +270,9 @@ def wait(submitted: list) -> int:
                 file=sys.stderr,
             )
             for task in range(job.num_tasks):
-                try:
-                    text = job.task(task).stderr() or ""
-                except Exception:  # noqa: BLE001
-                    text = ""
-                lines = [line for line in text.splitlines() if line.strip() and "submitit" not in line]
-                errors = [
-                    i
-                    for i, line in enumerate(lines)
-                    if line.startswith(("Traceback", "error:", "srun: error")) or "Error" in line
-                ]
-                if errors:
-                    print(f"--- task {task} ---", file=sys.stderr)
-                    print("\n".join(lines[errors[0] : errors[0] + 25]), file=sys.stderr)
+                for line in task_errors(job, task):
+                    print(f"  task {task}: {line}", file=sys.stderr)
+            print(f"  all logs: {job.paths.folder}", file=sys.stderr)
             continue
         metrics = result.get("metrics", {})
         top1 = metrics.get("val/top1")
