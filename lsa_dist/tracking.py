@@ -54,6 +54,9 @@ def redact(params: dict[str, Any]) -> dict[str, str]:
 
 
 def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
+    # an unreachable server must cost seconds, not MLflow's default minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

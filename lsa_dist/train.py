@@ -288,6 +288,7 @@ def main(cfg: RunConfig) -> Result:
             if state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.optim.epochs:
                 epoch_metrics.update(evaluate(engine, val_loader, device, state.epoch, env.is_main))
                 state.best_top1 = max(state.best_top1, epoch_metrics["val/top1"])
+                epoch_metrics["val/top1_best"] = state.best_top1
             last_metrics = epoch_metrics
             tracker.log_metrics(epoch_metrics, state.step)
             metrics_file.write(epoch_metrics, state.step)

@@ -196,6 +196,11 @@ start() {
 stop() {
   export SLURM_CONF="$DIR/etc/slurm.conf"
   local f
+  # cancel this cluster's jobs first, so that their job steps end with them
+  if pid_alive "$DIR/run/slurmctld.pid"; then
+    squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    for _ in $(seq 30); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
   for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" "$DIR/run/mariadbd.pid" "$DIR/run/munged.pid"; do
     [ -f "$f" ] || continue
     if pid_alive "$f"; then
@@ -206,8 +211,6 @@ stop() {
     fi
     rm -f "$f"
   done
-  # job steps left behind by killed slurmd's (stepd processes of our cluster only)
-  pkill -f "slurmstepd: \[.*\]" 2>/dev/null || true
   log "stopped"
 }
 

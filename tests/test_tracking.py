@@ -1,0 +1,297 @@
+"""MLflow tracking with a real backend (sqlite, and an `mlflow server` started here) and
+tools/compare_runs.py on real runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lsa_dist.config import RunConfig
+from lsa_dist.tracking import REDACTED, Tracker, prepare, redact
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.options.widths=[16,16]",
+    "model.options.heads=[2,2]",
+    "model.options.depths=[2,1]",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.num_workers=0",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "tracking.log_every=1",
+]
+
+
+def train(
+    tmp: Path, name: str, data: Path, uri: str, *overrides: str, nproc: int = 2, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        str(nproc),
+    ]
+    cmd += [
+        f"data.root={data}",
+        f"train.output_dir={tmp}",
+        f"train.name={name}",
+        *TINY,
+        f"tracking.uri={uri}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def runs_named(uri: str, name: str) -> list:
+    c = client(uri)
+    experiment = c.get_experiment_by_name("lsa_demo")
+    return c.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+@pytest.mark.slow
+def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_shards: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, LSA_TEST_SECRET_TOKEN="hunter2")
+    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=10", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs_named(uri, "tracked")
+    params = run.data.params
+    assert (
+        params["optim.lr"] == "0.002"
+        and params["engine.zero_stage"] == "2"
+        and params["model.name"] == "lsa_cifar_tiny"
+    )
+    assert run.data.tags["sys.world_size"] == "2" and run.data.tags["sys.git_commit"]
+    assert len(run.data.tags["sys.dataset_json_sha256"]) == 64
+    assert "hunter2" not in str(params) + str(run.data.tags)  # no environment is logged
+    history = client(uri).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))  # rank 0 only: one value per step
+    assert "val/top1" in run.data.metrics and "train/mfu" in run.data.metrics
+    artifacts = {a.path for a in client(uri).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model.pt", "final_metrics.txt"} <= artifacts
+
+    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = runs_named(uri, "tracked")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    history = client(uri).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1, with its own sqlite backend and artifact folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    cmd += [
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield url, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_server_backend_and_server_down_mid_run(demo_shards: Path, tmp_path: Path, mlflow_server: tuple) -> None:
+    url, server = mlflow_server
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--nproc",
+        "2",
+    ]
+    cmd += [
+        f"data.root={demo_shards}",
+        f"train.output_dir={tmp_path}",
+        "train.name=served",
+        *TINY,
+        f"tracking.uri={url}",
+        "optim.epochs=4",
+    ]
+    training = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    run = None
+    while time.time() < deadline and run is None:
+        found = runs_named(url, "served") if client(url).get_experiment_by_name("lsa_demo") else []
+        if found and client(url).get_metric_history(found[0].info.run_id, "train/loss"):
+            run = found[0]
+        time.sleep(1)
+    assert run is not None, "metrics never reached the server"
+    os.killpg(server.pid, signal.SIGKILL)  # the server goes away mid-run
+    server.wait()
+    out, err = training.communicate(timeout=600)
+    assert training.returncode == 0, err[-3000:]
+    assert "done:" in out
+    assert err.count("is unreachable") == 1  # warned once
+    spool = tmp_path / "served" / "mlflow_pending.jsonl"
+    assert spool.is_file() and len(spool.read_text().splitlines()) > 10  # kept for later
+
+
+def test_secrets_are_redacted() -> None:
+    params = redact({"tracking.api_key": "abc", "data.token_url": "x", "db.password": "p", "optim.lr": 0.1})
+    assert params == {
+        "tracking.api_key": REDACTED,
+        "data.token_url": REDACTED,
+        "db.password": REDACTED,
+        "optim.lr": "0.1",
+    }
+
+
+def test_unreachable_backend_never_stops_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = RunConfig()
+    cfg.tracking.uri = "http://127.0.0.1:9"  # nothing listens on the discard port
+    import mlflow
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        assert prepare(cfg) == ""
+        assert "unreachable" in capsys.readouterr().err
+        tracker = Tracker(cfg, "0" * 32, tmp_path / "pending.jsonl", flush_every_s=0.1)
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        tracker.finish()
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    assert (tmp_path / "pending.jsonl").read_text().count("train/loss") == 1
+    del mlflow
+
+
+@pytest.mark.slow
+def test_compare_runs_on_real_runs(demo_shards: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for lr in ("0.002", "0.001", "0.0005"):
+        proc = train(tmp_path, f"lr{lr}", demo_shards, uri, f"optim.lr={lr}", "train.max_steps=8", nproc=1)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "compare"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "compare_runs.py"),
+            "--experiment",
+            "lsa_demo",
+            "--uri",
+            uri,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert "optim.lr" in header and "optim.epochs" not in header  # only params that differ
+    assert all(f"lr{lr}" in proc.stdout for lr in ("0.002", "0.001", "0.0005"))
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == 3
+    for row in rows:
+        run = client(uri).get_run(row["run_id"])
+        assert row["optim.lr"] == run.data.params["optim.lr"]
+        assert float(row["val/top1 last"]) == pytest.approx(run.data.metrics["val/top1"])
+        assert float(row["images/s"]) == pytest.approx(run.data.metrics["train/images_per_s"])
+        assert row["status"] == "FINISHED"
+    for png in ("curves.png", "val_top1_vs_optim.lr.png"):
+        with Image.open(out / png) as image:
+            assert image.width >= 600 and image.height >= 400
+            colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colors is not None and len(colors) > 50  # drawn, not blank
+        assert (out / png).stat().st_size > 20_000
+
+
+def test_compare_runs_with_hundreds_of_runs(tmp_path: Path) -> None:
+    from mlflow.entities import Metric, Param
+
+    uri = f"sqlite:///{tmp_path / 'many.db'}"
+    c = client(uri)
+    experiment = c.create_experiment("sweep", artifact_location=(tmp_path / "artifacts").as_uri())
+    for i in range(300):
+        run = c.create_run(experiment, run_name=f"run{i:03d}")
+        params = [
+            Param("optim.lr", str(1e-4 * (i % 10 + 1))),
+            Param("model.name", "lsa_tiny"),
+            Param("train.seed", str(i)),
+        ]
+        metrics = [
+            Metric("val/top1", 50 + i / 10, 0, 1),
+            Metric("val/top1_best", 60 + i / 10, 0, 1),
+            Metric("train/images_per_s", 100.0, 0, 1),
+        ]
+        c.log_batch(run.info.run_id, metrics=metrics, params=params)
+        c.set_terminated(run.info.run_id)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "compare_runs.py"),
+            "--experiment",
+            "sweep",
+            "--uri",
+            uri,
+            "--metric",
+            "val/top1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "300 runs from" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "o" / "comparison.csv").open()))
+    assert len(rows) == 300 and "model.name" not in rows[0]  # the same everywhere: not shown
+    best = max(rows, key=lambda r: float(r["val/top1 best"]))
+    assert best["run"] == "run299" and float(best["val/top1 best"]) == pytest.approx(89.9)
+
+
+def test_compare_runs_errors(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "compare_runs.py"), "--experiment", "nope", "--uri", uri],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "error: no experiment 'nope'" in proc.stderr
