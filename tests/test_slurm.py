@@ -15,23 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, run_local
 
 from lsa_dist.checkpoint import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "model.options.widths=[16,16]",
-    "model.options.heads=[2,2]",
-    "model.options.depths=[2,1]",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "tracking.log_every=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +66,7 @@ def slurm(env: dict, tmp: Path, name: str, data: Path, *args: str, background: b
 
 
 def local(tmp: Path, name: str, data: Path, nproc: int, *args: str) -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        str(nproc),
-    ]
-    cmd += [
-        f"data.root={data}",
-        f"train.output_dir={tmp}",
-        f"train.name={name}",
-        *TINY,
-        "tracking.enabled=false",
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp)
+    proc = run_local(tmp, name, data, "tracking.enabled=false", *args, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import local_command, run_local
 from PIL import Image
 
 from lsa_dist.config import RunConfig
@@ -21,39 +22,11 @@ from lsa_dist.tracking import REDACTED, Tracker, prepare, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "model.options.widths=[16,16]",
-    "model.options.heads=[2,2]",
-    "model.options.depths=[2,1]",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "tracking.log_every=1",
-]
-
 
 def train(
     tmp: Path, name: str, data: Path, uri: str, *overrides: str, nproc: int = 2, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        str(nproc),
-    ]
-    cmd += [
-        f"data.root={data}",
-        f"train.output_dir={tmp}",
-        f"train.name={name}",
-        *TINY,
-        f"tracking.uri={uri}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
+    return run_local(tmp, name, data, f"tracking.uri={uri}", *overrides, nproc=nproc, env=env, timeout=600)
 
 
 def client(uri: str):
@@ -137,22 +110,7 @@ def mlflow_server(tmp_path: Path):
 @pytest.mark.slow
 def test_server_backend_and_server_down_mid_run(demo_shards: Path, tmp_path: Path, mlflow_server: tuple) -> None:
     url, server = mlflow_server
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        "2",
-    ]
-    cmd += [
-        f"data.root={demo_shards}",
-        f"train.output_dir={tmp_path}",
-        "train.name=served",
-        *TINY,
-        f"tracking.uri={url}",
-        "optim.epochs=4",
-    ]
+    cmd = local_command(tmp_path, "served", demo_shards, f"tracking.uri={url}", "optim.epochs=4")
     training = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     run = None

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
+from helpers import local_command
 
 from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file
 from lsa_dist.config import ConfigError, load_config
@@ -20,34 +22,11 @@ from lsa_dist.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.options.widths=[16,16]",
-    "model.options.heads=[2,2]",
-    "model.options.depths=[2,1]",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "tracking.enabled=false",
-    "tracking.log_every=1",
-]
-
 
 def run_local(
     tmp: Path, name: str, data: Path, *overrides: str, nproc: int = 2, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    cmd += [
-        "--nproc",
-        str(nproc),
-        f"data.root={data}",
-        f"train.output_dir={tmp}",
-        f"train.name={name}",
-        *TINY,
-        *overrides,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    return helpers.run_local(tmp, name, data, "tracking.enabled=false", *overrides, nproc=nproc, timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -141,15 +120,7 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path) 
     """SIGINT to the launcher mid-epoch: workers checkpoint and stop; the same command finishes."""
     args = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2")
     assert_ok(run_local(tmp_path, "straight", demo_shards, *args))
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        "2",
-    ]
-    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=interrupted", *TINY, *args]
+    cmd = local_command(tmp_path, "interrupted", demo_shards, "tracking.enabled=false", *args)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "interrupted" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -168,16 +139,16 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path) 
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(demo_shards: Path, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        "1",
-    ]
-    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=killed", *TINY]
-    cmd += ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "engine.zero_stage=1"]
+    cmd = local_command(
+        tmp_path,
+        "killed",
+        demo_shards,
+        "tracking.enabled=false",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "engine.zero_stage=1",
+        nproc=1,
+    )
     root = tmp_path / "killed" / "checkpoints"
     kills = 0
     for _ in range(3):
@@ -251,15 +222,7 @@ def test_bad_config_fails_before_any_process_starts(demo_shards: Path, tmp_path:
 
 
 def test_a_crashing_worker_ends_the_job_with_its_error(demo_shards: Path, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch" / "local.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--nproc",
-        "2",
-    ]
-    cmd += [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "train.name=crash", *TINY, "optim.epochs=50"]
+    cmd = local_command(tmp_path, "crash", demo_shards, "tracking.enabled=false", "optim.epochs=50")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "crash" / "logs" / "rank1.log"
     deadline = time.time() + 300
