@@ -112,7 +112,7 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
     experiment: str = "lsa_dist"
     run_name: str = ""  # "" = train.name
-    log_every: int = 10  # steps between logged training metrics
+    log_every: int = 1  # steps between logged training metrics (batched, sent from a background thread)
     register_model: str = ""  # register the final model under this name; "" = don't
 
 
