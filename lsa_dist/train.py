@@ -119,6 +119,31 @@ def evaluate(engine: Any, loader: Any, device: torch.device, epoch: int, show: b
     }
 
 
+class _EmaEval:
+    """The EMA weights behind evaluate()'s engine interface: fp32 and always in eval mode,
+    whatever the engine's precision (its inputs are cast back to fp32)."""
+
+    def __init__(self, ema: Any) -> None:
+        self.module = ema.module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.float())
+
+    def train(self, mode: bool) -> None:
+        self.module.train(False)
+
+
+def evaluate_with_ema(
+    engine: Any, ema: Any, loader: Any, device: torch.device, epoch: int, show: bool
+) -> dict[str, float]:
+    """evaluate() for the trained weights and, when an EMA is kept, for it too (as val_ema/*)."""
+    metrics = evaluate(engine, loader, device, epoch, show)
+    if ema is not None:
+        ema_metrics = evaluate(_EmaEval(ema), loader, device, epoch, show)
+        metrics.update({k.replace("val/", "val_ema/"): v for k, v in ema_metrics.items()})
+    return metrics
+
+
 def _progress(iterable: Any, total: int, desc: str, show: bool) -> Any:
     """A progress bar on rank 0: LSA_PROGRESS=1 forces it (the launcher does when its terminal is
     interactive), 0 disables it, unset lets tqdm decide from the output stream."""
@@ -210,7 +235,7 @@ def main(cfg: RunConfig) -> Result:
         return str(manager.save(engine, state, config_yaml, extra))
 
     if cfg.train.eval_only:
-        metrics = evaluate(engine, val_loader, device, state.epoch, env.is_main)
+        metrics = evaluate_with_ema(engine, ema, val_loader, device, state.epoch, env.is_main)
         _say(env, _metrics_line(metrics))
         tracker.log_metrics(metrics, state.step)
         tracker.finish()
@@ -286,7 +311,7 @@ def main(cfg: RunConfig) -> Result:
             state.epoch, state.batch = state.epoch + 1, 0
             epoch_metrics = {"train/epoch_loss": epoch_loss / max(epoch_count, 1), "epoch": state.epoch}
             if state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.optim.epochs:
-                epoch_metrics.update(evaluate(engine, val_loader, device, state.epoch, env.is_main))
+                epoch_metrics.update(evaluate_with_ema(engine, ema, val_loader, device, state.epoch, env.is_main))
                 state.best_top1 = max(state.best_top1, epoch_metrics["val/top1"])
                 epoch_metrics["val/top1_best"] = state.best_top1
             last_metrics = epoch_metrics
@@ -300,18 +325,22 @@ def main(cfg: RunConfig) -> Result:
     checkpoint = str(manager.latest() or "")
     if status == "finished":
         if "val/top1" not in last_metrics:
-            last_metrics.update(evaluate(engine, val_loader, device, state.epoch, env.is_main))
+            last_metrics.update(evaluate_with_ema(engine, ema, val_loader, device, state.epoch, env.is_main))
         full = engine.full_state_dict()
         if env.is_main and cfg.checkpoint.export_at_end and full is not None:
             export = run_dir / "model.pt"
             save_model_file(export, dict(model.cfg.__dict__), full)
             tracker.log_artifact(export)
+            if ema is not None:
+                ema_state = {k: v.detach().float().cpu() for k, v in ema.module.state_dict().items()}
+                save_model_file(run_dir / "model_ema.pt", dict(model.cfg.__dict__), ema_state)
+                tracker.log_artifact(run_dir / "model_ema.pt")
             _final = run_dir / "final_metrics.txt"
             _final.write_text("".join(f"{k} {v}\n" for k, v in sorted(last_metrics.items())))
             tracker.log_artifact(_final)
             if cfg.tracking.register_model:
                 tracker.log_model(model.cpu().float(), "model", cfg.tracking.register_model)
-        tracker.log_metrics({k: v for k, v in last_metrics.items() if k.startswith("val/")}, state.step)
+        tracker.log_metrics({k: v for k, v in last_metrics.items() if k.startswith(("val/", "val_ema/"))}, state.step)
         _say(env, f"done: {_metrics_line(last_metrics)}; checkpoint {checkpoint}; weights {run_dir / 'model.pt'}")
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     return Result(status, state.epoch, state.step, last_metrics, checkpoint, state.run_id, str(run_dir), stop.signal)
@@ -319,7 +348,7 @@ def main(cfg: RunConfig) -> Result:
 
 def _metrics_line(metrics: dict[str, float]) -> str:
     parts = []
-    for key in ("train/epoch_loss", "val/loss", "val/top1", "val/top5"):
+    for key in ("train/epoch_loss", "val/loss", "val/top1", "val/top5", "val_ema/top1"):
         if key in metrics:
             value = metrics[key]
             parts.append(f"{key} {value:.2f}%" if key.endswith(("top1", "top5")) else f"{key} {value:.4f}")
