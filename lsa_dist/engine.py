@@ -332,3 +332,7 @@ def warm_up() -> None:
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
     deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
     dist.destroy_process_group()
+    # ZeRO-Offload's optimizer (engine.offload_optimizer) is DeepSpeed's compiled CPU Adam
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()

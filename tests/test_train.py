@@ -42,7 +42,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_every_zero_stage_trains_and_matches_stage_0(demo_shards: Path, tmp_path: Path) -> None:
+def test_every_zero_stage_and_precision_trains_and_matches_stage_0(demo_shards: Path, tmp_path: Path) -> None:
     curves = {}
     for stage in (0, 1, 2, 3):
         proc = run_local(
@@ -60,6 +60,17 @@ def test_every_zero_stage_trains_and_matches_stage_0(demo_shards: Path, tmp_path
     for stage in (1, 2, 3):
         for step, loss in curves[0].items():
             assert curves[stage][step] == pytest.approx(loss, rel=2e-4, abs=1e-5), (stage, step)
+    # fp16 with dynamic loss scaling, and ZeRO-Offload (optimizer state and step on the CPU,
+    # DeepSpeed's compiled CPU Adam) follow the same curve
+    for name, overrides, rel in (
+        ("fp16", ("engine.zero_stage=2", "engine.precision=fp16"), 1e-3),
+        ("offload", ("engine.zero_stage=2", "engine.precision=fp32", "engine.offload_optimizer=true"), 2e-4),
+    ):
+        assert_ok(run_local(tmp_path, name, demo_shards, *overrides, "train.max_steps=12"))
+        curve = losses(tmp_path / name)
+        assert sorted(curve) == sorted(curves[0]), name
+        for step, loss in curves[0].items():
+            assert curve[step] == pytest.approx(loss, rel=rel, abs=1e-5), (name, step)
 
 
 def test_activation_checkpointing_gives_the_same_losses(demo_shards: Path, tmp_path: Path) -> None:
