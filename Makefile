@@ -13,6 +13,7 @@ $(STAMP): setup.cfg pyproject.toml tools/setup_system.sh
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[ffcv,dev]'
+	@echo "building DeepSpeed's CPU ops once (communication, CPU Adam): a few minutes"
 	$(BIN)/python -c "from lsa_dist.engine import warm_up; warm_up()" > /dev/null 2>&1
 	touch $(STAMP)
 
