@@ -75,27 +75,21 @@ def _pump(stream, log: Path, echo: bool, tail: deque) -> None:  # noqa: ANN001
 
 def launch(cfg: RunConfig, nproc: int) -> int:
     """Run the job; returns the exit code (0 done, 3 stopped after checkpointing, else failure)."""
-    from lsa_dist.checkpoint import CheckpointManager
+    from lsa_dist.checkpoint import CheckpointError, run_id_to_continue
     from lsa_dist.data import DatasetError, load_dataset_info
     from lsa_dist.tracking import prepare
 
+    run_dir = cfg.run_dir
     try:
         info = load_dataset_info(cfg.data.root)
         info.check_size(cfg.data.train_split, nproc, cfg.data.batch_size)
-    except DatasetError as err:
+        previous = run_id_to_continue(run_dir, cfg.train.resume)
+    except (DatasetError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = cfg.run_dir
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "launch_config.yaml"
     resolved.write_text(to_yaml(cfg))
-    previous = ""
-    if cfg.train.resume == "auto":
-        latest = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, 0).latest()
-        if latest is not None:
-            import json
-
-            previous = json.loads((latest / "meta.json").read_text()).get("run_id", "")
     run_id = prepare(cfg, previous)
     if run_id:
         print(f"MLflow run {run_id} ({cfg.tracking.experiment})")

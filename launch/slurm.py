@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; nothing submitted")
         return 0
 
+    from lsa_dist.checkpoint import CheckpointError, run_id_to_continue
     from lsa_dist.data import DatasetError, load_dataset_info
     from lsa_dist.tracking import prepare
 
@@ -193,24 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     submitted = []
     for cfg in jobs:
-        if Path(cfg.data.root).is_dir() or not Path(cfg.data.root).is_absolute():
-            try:
-                load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world, cfg.data.batch_size)
-            except DatasetError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
         run_dir = cfg.run_dir.resolve()
+        try:
+            if Path(cfg.data.root).is_dir() or not Path(cfg.data.root).is_absolute():
+                load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world, cfg.data.batch_size)
+            previous = run_id_to_continue(run_dir, cfg.train.resume)
+        except (DatasetError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = run_dir / "slurm_config.yaml"
         resolved.write_text(to_yaml(cfg))
-        previous = ""
-        from lsa_dist.checkpoint import CheckpointManager
-
-        latest = CheckpointManager(run_dir / "checkpoints", 1, 0).latest() if cfg.train.resume == "auto" else None
-        if latest is not None:
-            import json
-
-            previous = json.loads((latest / "meta.json").read_text()).get("run_id", "")
         run_id = prepare(cfg, previous)
         executor = make_executor(args.job_dir or run_dir / "slurm" / "%j", params)
         job = executor.submit(TrainJob(str(resolved), run_id))

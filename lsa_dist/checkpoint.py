@@ -133,13 +133,7 @@ class CheckpointManager:
     def load(self, engine: Any, folder: Path) -> tuple[TrainState, dict[str, Any]]:
         """Restore the engine, this rank's RNG states and the training state from `folder`."""
         folder = Path(folder)
-        meta_path = folder / META
-        if not meta_path.is_file():
-            raise CheckpointError(f"{folder} is not a complete checkpoint (no {META}); pick another or start over")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{meta_path} is corrupt ({err}); pick another checkpoint") from err
+        meta = read_meta(folder)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if meta.get("world_size") != world:
             raise CheckpointError(
@@ -165,6 +159,25 @@ class CheckpointManager:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json (step, engine, world size, run id); CheckpointError if it is
+    missing (an incomplete checkpoint) or unreadable."""
+    meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {META}); pick another or start over")
+    try:
+        return json.loads(meta_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({err}); pick another checkpoint") from err
+
+
+def run_id_to_continue(run_dir: Path, resume: str) -> str:
+    """The MLflow run that a launch with `train.resume=auto` continues: the one stored in the
+    run's latest checkpoint ('' for a new run)."""
+    latest = CheckpointManager(Path(run_dir) / "checkpoints", 1, 0).latest() if resume == "auto" else None
+    return read_meta(latest).get("run_id", "") if latest is not None else ""
+
+
 def _to_bytes(obj: Any) -> bytes:
     import io
 
@@ -182,9 +195,7 @@ def export_fp32(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     """One consolidated fp32 state dict from a checkpoint of any engine and ZeRO stage,
     loadable into lsa_dist.models without DeepSpeed. Returns (state_dict, meta)."""
     folder = Path(folder)
-    if not (folder / META).is_file():
-        raise CheckpointError(f"{folder} is not a complete checkpoint (no {META})")
-    meta = json.loads((folder / META).read_text())
+    meta = read_meta(folder)
     if meta.get("backend") == "fairscale":
         state = torch.load(folder / "fairscale_states.pt", map_location="cpu", weights_only=True)["module"]
         return {k: v.float() for k, v in state.items()}, meta
