@@ -152,18 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     jobs = []
-    for point in sweep_points(args.sweep):
-        overrides = list(args.overrides) + point
-        if point:
-            suffix = "-".join(p.split("=", 1)[1] for p in point)
-            base = load_config(args.config, args.overrides).train.name if not args.dry_run else args.config.stem
-            overrides.append(f"train.name={base}-{suffix}")
-        try:
-            cfg = load_config(args.config, overrides)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        jobs.append(cfg)
+    try:
+        base = load_config(args.config, args.overrides)
+        for point in sweep_points(args.sweep):
+            # each grid point is its own run: train.name gets the point's values
+            name = [f"train.name={base.train.name}-" + "-".join(p.split("=", 1)[1] for p in point)] if point else []
+            jobs.append(load_config(args.config, [*args.overrides, *point, *name]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     params = executor_parameters(args, jobs[0])
     world = params["nodes"] * params["tasks_per_node"]
@@ -192,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     check_partition(params.get("slurm_partition", ""))
     # jobs inherit this environment (sbatch --export=ALL): make the checkout importable there too
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    submitted = []
+    checked = []  # every job of a sweep is checked before any is submitted
     for cfg in jobs:
         run_dir = cfg.run_dir.resolve()
         try:
             if Path(cfg.data.root).is_dir() or not Path(cfg.data.root).is_absolute():
                 load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world, cfg.data.batch_size)
-            previous = run_id_to_continue(run_dir, cfg.train.resume)
+            checked.append((cfg, run_dir, run_id_to_continue(run_dir, cfg.train.resume)))
         except (DatasetError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    submitted = []
+    for cfg, run_dir, previous in checked:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = run_dir / "slurm_config.yaml"
         resolved.write_text(to_yaml(cfg))
