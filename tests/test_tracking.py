@@ -35,6 +35,12 @@ def client(uri: str):
     return MlflowClient(uri)
 
 
+def compare_runs(*args: str) -> subprocess.CompletedProcess:
+    """tools/compare_runs.py with `args`, as a user runs it."""
+    cmd = [sys.executable, str(ROOT / "tools" / "compare_runs.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
 def runs_named(uri: str, name: str) -> list:
     c = client(uri)
     experiment = c.get_experiment_by_name("lsa_demo")
@@ -165,21 +171,7 @@ def test_compare_runs_on_real_runs(demo_shards: Path, tmp_path: Path) -> None:
         proc = train(tmp_path, f"lr{lr}", demo_shards, uri, f"optim.lr={lr}", "train.max_steps=8", nproc=1)
         assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "compare"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "compare_runs.py"),
-            "--experiment",
-            "lsa_demo",
-            "--uri",
-            uri,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = compare_runs("--experiment", "lsa_demo", "--uri", uri, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0].split()
     assert "optim.lr" in header and "optim.epochs" not in header  # only params that differ
@@ -220,23 +212,7 @@ def test_compare_runs_with_hundreds_of_runs(tmp_path: Path) -> None:
         ]
         c.log_batch(run.info.run_id, metrics=metrics, params=params)
         c.set_terminated(run.info.run_id)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "compare_runs.py"),
-            "--experiment",
-            "sweep",
-            "--uri",
-            uri,
-            "--metric",
-            "val/top1",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = compare_runs("--experiment", "sweep", "--uri", uri, "--metric", "val/top1", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     assert "300 runs from" in proc.stdout
     rows = list(csv.DictReader((tmp_path / "o" / "comparison.csv").open()))
@@ -247,9 +223,5 @@ def test_compare_runs_with_hundreds_of_runs(tmp_path: Path) -> None:
 
 def test_compare_runs_errors(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "compare_runs.py"), "--experiment", "nope", "--uri", uri],
-        capture_output=True,
-        text=True,
-    )
+    proc = compare_runs("--experiment", "nope", "--uri", uri)
     assert proc.returncode == 1 and "error: no experiment 'nope'" in proc.stderr
