@@ -39,13 +39,42 @@ class TrainJob:
             # USR2 is SLURM's warning before preemption or the time limit: requeue. Anything
             # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
             if result.stop_signal in ("SIGUSR2", "by another rank"):
-                if env.rank == 0 and callable(requeue):
-                    requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), requeues, exits
+                self._requeue(requeue, env.rank, D.device_for(D.discover()))
                 D.shutdown(PREEMPTED_EXIT)  # leave no result: the requeued job is the continuation
             raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
         if dist.is_initialized():
             dist.destroy_process_group()
         return dataclasses.asdict(result)
+
+    @staticmethod
+    def _requeue(handler: Any, rank: int, device: Any) -> None:
+        """Rank 0 requeues the job through submitit's handler (which pickles self.checkpoint()
+        and runs `scontrol requeue`) while the other ranks wait for the outcome.
+
+        Two races are closed here. A rank that exits before the requeue is through makes srun
+        (--kill-on-bad-exit) end the step, and that SIGTERM killed rank 0's scontrol before
+        it had asked: the job ended instead of coming back. And an accepted requeue ends the
+        step at once, which can reach scontrol before it exits, so submitit recorded a failure
+        for a job that was requeued. SIGTERM is ignored from here on (an ignored signal stays
+        ignored across exec, so scontrol inherits it); SLURM's SIGKILL still ends the step.
+        """
+        from . import dist as D
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failure: BaseException | None = None
+        if rank == 0:
+            try:
+                if not callable(handler):
+                    raise RuntimeError("submitit's USR2 handler is missing: the job cannot requeue itself")
+                handler(signal.SIGUSR2, None)  # checkpoint, requeue, then sys.exit
+            except SystemExit:
+                pass  # submitit's way of saying the job is requeued
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it, then rank 0 raises it
+                failure = err
+        if D.any_rank(failure is not None, device):
+            if failure is not None:
+                raise failure
+            raise RuntimeError("rank 0 could not requeue the job after its checkpoint; see rank 0's log")
 
     def checkpoint(self) -> Any:
         """submitit's hook on preemption/timeout: the resubmitted job resumes from the latest

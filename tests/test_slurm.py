@@ -161,10 +161,27 @@ def wait_for_step(run: Path, step: int, timeout: float = 600) -> None:
     raise AssertionError(f"{run} did not reach step {step}")
 
 
+def slow_requeue(env: dict, folder: Path) -> dict:
+    """`env` with a `scontrol` first on PATH that runs the real one, and for `requeue` waits 2 s
+    before and after it, as it may on a busy host. That widens, every time instead of by
+    chance, the two windows in which the step can end around a requeueing rank 0: another
+    rank exiting first (srun --kill-on-bad-exit ends the step before the request is made)
+    and SLURM ending the step as soon as the requeue is accepted (before scontrol exits)."""
+    real = shutil.which("scontrol", path=env["PATH"])
+    assert real, "scontrol not on PATH"
+    shim = folder / "bin" / "scontrol"
+    shim.parent.mkdir(parents=True)
+    pause = '[ "$1" = requeue ] && sleep 2'
+    shim.write_text(f'#!/bin/sh\n{pause}\n"{real}" "$@"; rc=$?\n{pause}\nexit $rc\n')
+    shim.chmod(0o755)
+    return {**env, "PATH": f"{shim.parent}{os.pathsep}{env['PATH']}"}
+
+
 def test_preemption_checkpoints_requeues_and_finishes_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
-    job = slurm(cluster, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, background=True)
+    env = slow_requeue(cluster, tmp_path)
+    job = slurm(env, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, background=True)
     wait_for_step(tmp_path / "preempted", 60)
     urgent = subprocess.run(
         [
