@@ -39,7 +39,7 @@ class TrainJob:
             # USR2 is SLURM's warning before preemption or the time limit: requeue. Anything
             # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
             if result.stop_signal in ("SIGUSR2", "by another rank"):
-                self._requeue(requeue, env.rank, D.device_for(D.discover()))
+                self._requeue(requeue, env.rank)
                 D.shutdown(PREEMPTED_EXIT)  # leave no result: the requeued job is the continuation
             raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
         if dist.is_initialized():
@@ -47,7 +47,7 @@ class TrainJob:
         return dataclasses.asdict(result)
 
     @staticmethod
-    def _requeue(handler: Any, rank: int, device: Any) -> None:
+    def _requeue(handler: Any, rank: int) -> None:
         """Rank 0 requeues the job through submitit's handler (which pickles self.checkpoint()
         and runs `scontrol requeue`) while the other ranks wait for the outcome.
 
@@ -71,7 +71,7 @@ class TrainJob:
                 pass  # submitit's way of saying the job is requeued
             except Exception as err:  # noqa: BLE001 - every rank must learn of it, then rank 0 raises it
                 failure = err
-        if D.any_rank(failure is not None, device):
+        if D.any_rank(failure is not None, D.device_for(D.discover())):
             if failure is not None:
                 raise failure
             raise RuntimeError("rank 0 could not requeue the job after its checkpoint; see rank 0's log")
