@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,7 @@ from lsa_dist.models import (
 )
 from lsa_dist.models.reference import reference_forward
 
-FIXTURES = Path(
-    os.environ.get("LSA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_lsa")
-)
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_lsa"
 FIXTURE_NAMES = ["official_imagenet_tiny_style", "official_imagenet_small_style", "official_cifar_style"]
 
 # Parameter counts (millions) and forward multiply-accumulates (G) of the paper's models.
