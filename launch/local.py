@@ -1,199 +1,121 @@
 #!/usr/bin/env python
 """Train on this machine with N processes.
 
-    python launch/local.py --config configs/demo.yaml [--nproc N] [key=value ...]
+    python launch/local.py --config configs/demo.yaml [--nproc N] [--max-restarts K] [key=value ...]
 
-Validates the config before anything starts, prepares MLflow (database, experiment, run),
-then starts N workers with a torchrun-style rendezvous on 127.0.0.1 and a free port. Rank 0's
-output streams here; every rank's output goes to RUN/logs/rank<r>.log. If a worker dies, the
-others are stopped at once and its last lines are shown. Ctrl-C (or SIGTERM) is forwarded:
-the workers checkpoint and stop, and the same command resumes the run.
+Checks the config, the dataset, the device's support for engine.precision and the checkpoint
+to resume before anything starts, prepares MLflow, then starts N workers through torch's
+elastic agent (a c10d rendezvous on a free local port). Rank 0's output streams here; every
+rank's output is appended to RUN/logs/rank<r>.log. If a worker dies, the others are stopped at
+once and the first failing rank's last lines are shown; with --max-restarts K the workers are
+restarted from the run's last checkpoint instead, up to K times. Ctrl-C (or SIGTERM) is
+forwarded: the workers checkpoint and stop, and the same command resumes the run.
+
+Exit codes: 0 done, 1 crash, 2 bad input, 3 stopped after checkpointing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
-from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lsa_dist.config import ConfigError, RunConfig, load_config, to_yaml  # noqa: E402
-
-WORKER = (
-    "import sys; from lsa_dist.config import load_config; from lsa_dist.train import run_worker; "
-    "sys.exit(run_worker(load_config(sys.argv[1])))"
-)
+from lsa_dist import cli  # noqa: E402
+from lsa_dist.config import RunConfig  # noqa: E402
+from lsa_dist.elastic import Echo, Outcome, WorkerExit, run_workers, tail  # noqa: E402
+from lsa_dist.tracking import RUN_ID_ENV, tracking_uri  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env(rank: int, nproc: int, port: int, run_id: str) -> dict[str, str]:
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(nproc),
-        LOCAL_WORLD_SIZE=str(nproc),
-        GROUP_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS=str(threads),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
-        PYTHONUNBUFFERED="1",
-    )
+def worker_environment(nproc: int, run_id: str) -> None:
+    """What the workers inherit besides the agent's RANK, WORLD_SIZE, MASTER_ADDR, ..."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ.setdefault("LSA_PROGRESS", "1" if sys.stdout.isatty() else "0")  # workers write to files
     if run_id:
-        env["LSA_MLFLOW_RUN_ID"] = run_id
-    env.setdefault("LSA_PROGRESS", "1" if rank == 0 and sys.stdout.isatty() else "0")
-    return env
+        os.environ[RUN_ID_ENV] = run_id
+    else:
+        os.environ.pop(RUN_ID_ENV, None)
 
 
-def _pump(stream, log: Path, echo: bool, tail: deque) -> None:  # noqa: ANN001
-    """Copy a worker's output to its log (and rank 0's to our terminal, progress bars included)."""
-    with log.open("ab") as f:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            f.write(chunk)
-            f.flush()
-            tail.extend(chunk.decode(errors="replace").splitlines(keepends=True))
-            if echo:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
+def announce_restart(failure: WorkerExit | None, restart: int, max_restarts: int) -> None:
+    why = f"rank {failure.rank} failed ({failure.describe()})" if failure else "the workers ended"
+    print(f"\n{why}; restarting the workers from the last checkpoint ({restart} of {max_restarts})", file=sys.stderr)
 
 
-def launch(cfg: RunConfig, nproc: int) -> int:
-    """Run the job; returns the exit code (0 done, 3 stopped after checkpointing, else failure)."""
-    from lsa_dist.checkpoint import CheckpointError, run_id_to_continue
-    from lsa_dist.data import DatasetError, load_dataset_info
-    from lsa_dist.tracking import prepare
-
-    run_dir = cfg.run_dir
-    try:
-        info = load_dataset_info(cfg.data.root)
-        info.check_size(cfg.data.train_split, nproc, cfg.data.batch_size)
-        previous = run_id_to_continue(run_dir, cfg.train.resume)
-    except (DatasetError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "launch_config.yaml"
-    resolved.write_text(to_yaml(cfg))
-    run_id = prepare(cfg, previous)
-    if run_id:
-        print(f"MLflow run {run_id} ({cfg.tracking.experiment})")
-    port = free_port()
-    procs, tails, pumps = [], [], []
-    for rank in range(nproc):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(resolved)],
-            env=worker_env(rank, nproc, port, run_id),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the workers only through us
+def launch(cfg: RunConfig, config_path: Path, run_id: str, stop_timeout: int) -> tuple[Outcome, dict[int, int]]:
+    """Start the workers and wait for them; returns how they ended and where each rank's log
+    stood before they started (what this launch wrote comes after)."""
+    nproc, logs = cfg.launch.nproc, cfg.run_dir.resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    offsets = {
+        r: (logs / f"rank{r}.log").stat().st_size if (logs / f"rank{r}.log").exists() else 0 for r in range(nproc)
+    }
+    worker_environment(nproc, run_id)
+    args = ["-m", "lsa_dist.train", "--config", str(config_path), "--log-dir", str(logs)]
+    with Echo(logs / "rank0.log"):
+        outcome = run_workers(
+            nproc, args, max_restarts=cfg.launch.max_restarts, stop_timeout=stop_timeout, on_restart=announce_restart
         )
-        tail: deque = deque(maxlen=30)
-        pump = threading.Thread(target=_pump, args=(proc.stdout, run_dir / "logs" / f"rank{rank}.log", rank == 0, tail))
-        pump.start()
-        procs.append(proc)
-        tails.append(tail)
-        pumps.append(pump)
+    return outcome, offsets
 
-    forwarded = []
 
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
-        print(f"\n{signal.Signals(signum).name}: asking the workers to checkpoint and stop", file=sys.stderr)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    died: dict[int, float] = {}  # rank -> when it exited: the first failure is the cause
-
-    def watch(rank: int, proc: subprocess.Popen) -> None:
-        proc.wait()
-        died[rank] = time.monotonic()
-
-    watchers = [threading.Thread(target=watch, args=(r, p), daemon=True) for r, p in enumerate(procs)]
-    for w in watchers:
-        w.start()
-    failed = None
-    try:
-        while any(p.poll() is None for p in procs):
-            bad = [r for r in died if procs[r].returncode not in (0, 3)]
-            if bad and failed is None:
-                failed = min(bad, key=died.get)
-                for other in procs:
-                    if other.poll() is None:
-                        other.kill()
-            time.sleep(0.1)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for w in watchers:
-            w.join(timeout=10)
-        for pump in pumps:
-            pump.join(timeout=10)
-    codes = [p.returncode for p in procs]
-    if failed is None and any(c not in (0, 3) for c in codes):
-        failed = min((r for r, c in enumerate(codes) if c not in (0, 3)), key=lambda r: died.get(r, 0.0))
-    if failed is not None:
-        code = codes[failed]
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"\nerror: rank {failed} failed ({how}); its last lines:", file=sys.stderr)
-        if failed != 0 or code != 2:
-            sys.stderr.write("".join(line for line in tails[failed] if "\r" not in line))
-        others = [
-            f"rank {r} ({'signal ' + str(-c) if c < 0 else 'exit ' + str(c)})"
-            for r, c in enumerate(codes)
-            if r != failed and c not in (0, 3)
-        ]
-        if others:
-            print(f"then stopped: {', '.join(others)}", file=sys.stderr)
+def report(cfg: RunConfig, outcome: Outcome, offsets: dict[int, int], run_id: str) -> int:
+    """Say how the run ended and where to look; returns the launcher's exit code."""
+    run_dir = cfg.run_dir
+    if outcome.launcher_signal:
+        print(f"\n{outcome.launcher_signal}: the workers were asked to checkpoint and stop", file=sys.stderr)
+    failures = outcome.failures()
+    if failures:
+        first = failures[0]
+        print(f"\nerror: rank {first.rank} failed ({first.describe()}); its last lines:", file=sys.stderr)
+        if first.rank != 0 or first.code != cli.EXIT_BAD_INPUT:  # rank 0's one-line error is already shown
+            log = run_dir / "logs" / f"rank{first.rank}.log"
+            print("\n".join(tail(log, offsets.get(first.rank, 0))), file=sys.stderr)
+        if len(failures) > 1:
+            print(
+                f"then stopped: {', '.join(f'rank {e.rank} ({e.describe()})' for e in failures[1:])}", file=sys.stderr
+            )
         print(f"all logs: {run_dir / 'logs'}", file=sys.stderr)
-        return 2 if code == 2 else 1
-    if 3 in codes:
+        return cli.EXIT_BAD_INPUT if first.code == cli.EXIT_BAD_INPUT else cli.EXIT_CRASH
+    if outcome.stopped:
         print(f"stopped after checkpointing; run the same command to resume ({run_dir / 'checkpoints'})")
-        return 3
-    print(f"\nrun folder: {run_dir} (metrics.jsonl, checkpoints/, model.pt, logs/)")
+        return cli.EXIT_STOPPED
+    restarted = f" after {outcome.restarts} restart(s)" if outcome.restarts else ""
+    print(f"\nrun folder{restarted}: {run_dir} (metrics.jsonl, checkpoints/, model.pt, logs/)")
     if run_id:
-        from lsa_dist.tracking import tracking_uri
-
         print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {run_id})")
-    return 0
+    return cli.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", type=Path, required=True, help="YAML config (configs/*.yaml)")
+    parser = cli.config_parser(__doc__)
     parser.add_argument("--nproc", type=int, default=None, help="worker processes (default: launch.nproc)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        help="after a worker crash, restart all workers from the last checkpoint, up to N times "
+        "(default: launch.max_restarts)",
+    )
+    parser.add_argument(
+        "--stop-timeout", type=int, default=300, help="seconds the workers get to checkpoint after Ctrl-C (300)"
+    )
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.nproc is not None:
-        overrides.append(f"launch.nproc={args.nproc}")
+    flags = {"launch.nproc": args.nproc, "launch.max_restarts": args.max_restarts}
     try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return launch(cfg, cfg.launch.nproc)
+        cfg = cli.load(args, *(f"{k}={v}" for k, v in flags.items() if v is not None))
+        previous = cli.preflight(cfg, cfg.launch.nproc)
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
+    config_path, run_id = cli.prepare_run(cfg, previous, "launch_config.yaml")
+    if run_id:
+        print(f"MLflow run {run_id} ({cfg.tracking.experiment})")
+    outcome, offsets = launch(cfg, config_path, run_id, args.stop_timeout)
+    return report(cfg, outcome, offsets, run_id)
 
 
 if __name__ == "__main__":

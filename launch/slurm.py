@@ -23,7 +23,6 @@ LSA_SLURM_ACCOUNT, LSA_SLURM_QOS and LSA_SLURM_CONSTRAINT, overridden by the fla
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import re
@@ -37,13 +36,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lsa_dist.config import ConfigError, RunConfig, load_config, to_yaml  # noqa: E402
+from lsa_dist import cli  # noqa: E402
+from lsa_dist.config import RunConfig, to_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
 
 
 def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """launch.slurm.* of the config; LSA_SLURM_PARTITION, _ACCOUNT, _QOS, _CONSTRAINT override
+    the placement (a site's defaults, set once in a shell profile)."""
     s = cfg.launch.slurm
-    values = dataclasses.asdict(s)
+    values: dict[str, Any] = {
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "constraint": s.constraint,
+        "time_min": s.time_min,
+        "gpus_per_node": s.gpus_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "mem_gb": s.mem_gb,
+        "exclusive": s.exclusive,
+        "job_name": s.job_name,
+    }
     for key in ("partition", "account", "qos", "constraint"):
         values[key] = os.environ.get(f"LSA_SLURM_{key.upper()}", values[key])
     return values
@@ -118,13 +131,8 @@ def make_executor(folder: Path, params: dict[str, Any]):  # noqa: ANN201 - submi
     return executor
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", type=Path, required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.config_parser(__doc__)
     parser.add_argument("--nodes", type=int, default=None, help="nodes (default: launch.nodes)")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="one task per GPU; 0: one task per node")
     parser.add_argument(
@@ -148,76 +156,78 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="print the resolved config and sbatch script; submit nothing"
     )
     parser.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def load_jobs(args: argparse.Namespace) -> list[RunConfig]:
+    """One config per point of the --sweep grid (the base config alone without one); each
+    point is its own run: train.name gets the point's values."""
+    base = cli.load(args)
     jobs = []
-    try:
-        base = load_config(args.config, args.overrides)
-        for point in sweep_points(args.sweep):
-            # each grid point is its own run: train.name gets the point's values
-            name = [f"train.name={base.train.name}-" + "-".join(p.split("=", 1)[1] for p in point)] if point else []
-            jobs.append(load_config(args.config, [*args.overrides, *point, *name]))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for point in sweep_points(args.sweep):
+        name = [f"train.name={base.train.name}-" + "-".join(p.split("=", 1)[1] for p in point)] if point else []
+        jobs.append(cli.load(args, *point, *name))
+    return jobs
 
-    params = executor_parameters(args, jobs[0])
+
+def dry_run(cfg: RunConfig, params: dict[str, Any], job_dir: Path | None) -> int:
+    """Print the resolved config and the sbatch script submitit would submit."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    print("# resolved config\n" + to_yaml(cfg))
+    sbatch = {k[len("slurm_") :] if k.startswith("slurm_") else k: v for k, v in params.items()}
+    sbatch["ntasks_per_node"] = sbatch.pop("tasks_per_node")
+    sbatch["time"] = sbatch.pop("timeout_min")
+    sbatch["job_name"] = sbatch.pop("name")
+    if "mem_gb" in sbatch:
+        sbatch["mem"] = f"{sbatch.pop('mem_gb')}GB"
+    folder = job_dir or cfg.run_dir.resolve() / "slurm" / "%j"
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    print("# sbatch script (submitit)\n" + _make_sbatch_string(command=command, folder=folder, **sbatch))
     world = params["nodes"] * params["tasks_per_node"]
+    print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; nothing submitted")
+    return 0
+
+
+def submit(cfg: RunConfig, previous: str, params: dict[str, Any], job_dir: Path | None) -> tuple[Any, str]:
+    """Write the job's config, prepare its MLflow run, submit it and say where to look."""
+    config_path, run_id = cli.prepare_run(cfg, previous, "slurm_config.yaml")
+    executor = make_executor(job_dir or cfg.run_dir.resolve() / "slurm" / "%j", params)
+    job = executor.submit(TrainJob(str(config_path), run_id))
+    stdout = job.paths.stdout
+    print(f"submitted job {job.job_id}: {cfg.train.name}, {params['nodes']} nodes x {params['tasks_per_node']} tasks")
+    print(f"  logs:   {stdout} (rank 0), {job.paths.folder} (all tasks)")
+    print(f"  follow: tail -f {stdout}")
+    print(f"  MLflow run {run_id or 'off'}; run folder {cfg.run_dir.resolve()}")
+    return job, run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        jobs = load_jobs(args)
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
+    params = executor_parameters(args, jobs[0])
     if args.dry_run:
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        cfg = jobs[0]
-        print("# resolved config\n" + to_yaml(cfg))
-        sbatch = {k[len("slurm_") :] if k.startswith("slurm_") else k: v for k, v in params.items()}
-        sbatch["ntasks_per_node"] = sbatch.pop("tasks_per_node")
-        sbatch["time"] = sbatch.pop("timeout_min")
-        sbatch["job_name"] = sbatch.pop("name")
-        sbatch["signal_delay_s"] = sbatch.pop("signal_delay_s")
-        if "mem_gb" in sbatch:
-            sbatch["mem"] = f"{sbatch.pop('mem_gb')}GB"
-        folder = args.job_dir or cfg.run_dir.resolve() / "slurm" / "%j"
-        command = f"{sys.executable} -u -m submitit.core._submit {folder}"
-        print("# sbatch script (submitit)\n" + _make_sbatch_string(command=command, folder=folder, **sbatch))
-        print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; nothing submitted")
-        return 0
-
-    from lsa_dist.checkpoint import CheckpointError, run_id_to_continue
-    from lsa_dist.data import DatasetError, load_dataset_info
-    from lsa_dist.tracking import prepare
-
+        return dry_run(jobs[0], params, args.job_dir)
     check_partition(params.get("slurm_partition", ""))
+    world = params["nodes"] * params["tasks_per_node"]
+    try:  # every job of a sweep is checked before any is submitted
+        # the dataset where this host sees it; the job's nodes (not this host) must support the precision
+        previous = [cli.preflight(cfg, world, dataset=dataset_visible(cfg), hardware=False) for cfg in jobs]
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
     # jobs inherit this environment (sbatch --export=ALL): make the checkout importable there too
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    checked = []  # every job of a sweep is checked before any is submitted
-    for cfg in jobs:
-        run_dir = cfg.run_dir.resolve()
-        try:
-            if Path(cfg.data.root).is_dir() or not Path(cfg.data.root).is_absolute():
-                load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world, cfg.data.batch_size)
-            checked.append((cfg, run_dir, run_id_to_continue(run_dir, cfg.train.resume)))
-        except (DatasetError, CheckpointError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    submitted = []
-    for cfg, run_dir, previous in checked:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = run_dir / "slurm_config.yaml"
-        resolved.write_text(to_yaml(cfg))
-        run_id = prepare(cfg, previous)
-        executor = make_executor(args.job_dir or run_dir / "slurm" / "%j", params)
-        job = executor.submit(TrainJob(str(resolved), run_id))
-        submitted.append((cfg, job, run_id))
-        stdout = job.paths.stdout
-        print(
-            f"submitted job {job.job_id}: {cfg.train.name}, {params['nodes']} nodes x {params['tasks_per_node']} tasks"
-        )
-        print(f"  logs:   {stdout} (rank 0), {job.paths.folder} (all tasks)")
-        print(f"  follow: tail -f {stdout}")
-        print(f"  MLflow run {run_id or 'off'}; run folder {run_dir}")
-    if not args.wait:
-        return 0
-    return wait(submitted)
+    submitted = [(cfg, *submit(cfg, run, params, args.job_dir)) for cfg, run in zip(jobs, previous)]
+    return wait(submitted) if args.wait else 0
+
+
+def dataset_visible(cfg: RunConfig) -> bool:
+    """Whether this host can check the dataset: a relative root, or an absolute one mounted here."""
+    root = Path(cfg.data.root)
+    return root.is_dir() or not root.is_absolute()
 
 
 def wait_until_gone(job_id: str, poll_s: float = 2.0) -> None:

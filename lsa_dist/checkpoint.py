@@ -18,13 +18,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data.dataset import atomic_write_bytes, atomic_write_json
+from . import dist as D
+from .fs import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 META = "meta.json"
 
@@ -96,7 +100,7 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, engine: Any, state: TrainState, config_yaml: str, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, engine: Engine, state: TrainState, config_yaml: str, extra: dict[str, Any] | None = None) -> Path:
         """Collective: every rank calls it. Returns the checkpoint folder."""
         tag = f"step-{state.step:08d}"
         final = self.root / tag
@@ -105,14 +109,14 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(self.staging / tag, ignore_errors=True)
             (self.staging / tag).mkdir(parents=True, exist_ok=True)
-        _barrier()
+        D.barrier()
         client_state = {"train_state": asdict(state), **(extra or {})}
         engine.save(self.staging, tag, client_state)
         rng_dir = self.staging / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         buffer = _to_bytes(_rng_state())
         atomic_write_bytes(rng_dir / f"rank{self.rank}.pt", buffer)
-        _barrier()
+        D.barrier()
         if self.rank == 0:
             atomic_write_bytes(self.staging / tag / "config.yaml", config_yaml.encode())
             meta = {"tag": tag, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(state)}
@@ -126,20 +130,14 @@ class CheckpointManager:
             atomic_write_bytes(self.root / "latest", tag.encode())
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        D.barrier()
         return final
 
     # -- loading ------------------------------------------------------------------------------
-    def load(self, engine: Any, folder: Path) -> tuple[TrainState, dict[str, Any]]:
+    def load(self, engine: Engine, folder: Path) -> tuple[TrainState, dict[str, Any]]:
         """Restore the engine, this rank's RNG states and the training state from `folder`."""
         folder = Path(folder)
-        meta = read_meta(folder)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if meta.get("world_size") != world:
-            raise CheckpointError(
-                f"{folder} was written by {meta.get('world_size')} ranks, this run has {world}; "
-                "resume with the same number of processes (or export it and start a new run from the weights)"
-            )
+        check_world_size(folder, read_meta(folder), dist.get_world_size() if dist.is_initialized() else 1)
         try:
             client_state = engine.load(folder.parent, folder.name)
         except CheckpointError:
@@ -171,11 +169,33 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path} is corrupt ({err}); pick another checkpoint") from err
 
 
-def run_id_to_continue(run_dir: Path, resume: str) -> str:
-    """The MLflow run that a launch with `train.resume=auto` continues: the one stored in the
-    run's latest checkpoint ('' for a new run)."""
-    latest = CheckpointManager(Path(run_dir) / "checkpoints", 1, 0).latest() if resume == "auto" else None
-    return read_meta(latest).get("run_id", "") if latest is not None else ""
+def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a launch with `train.resume` would continue from: the run's latest (auto),
+    the folder named, or None (never, or a new run)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return CheckpointManager(Path(run_dir) / "checkpoints", 1, 0).latest()
+    return Path(resume)
+
+
+def check_resumable(run_dir: Path, resume: str, world_size: int) -> str:
+    """Before any process starts: the checkpoint to resume has readable metadata and was
+    written by `world_size` ranks. Returns the MLflow run it continues ('' for a new run)."""
+    folder = checkpoint_to_resume(run_dir, resume)
+    if folder is None:
+        return ""
+    meta = read_meta(folder)
+    check_world_size(folder, meta, world_size)
+    return meta.get("run_id", "") if resume == "auto" else ""
+
+
+def check_world_size(folder: Path, meta: dict[str, Any], world_size: int) -> None:
+    if meta.get("world_size") != world_size:
+        raise CheckpointError(
+            f"{folder} was written by {meta.get('world_size')} ranks, this run has {world_size}; "
+            "resume with the same number of processes (or export it and start a new run from the weights)"
+        )
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -184,11 +204,6 @@ def _to_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def export_fp32(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -219,7 +234,6 @@ def _export_stage0(folder: Path) -> dict[str, torch.Tensor]:
     groups = optim.get("fp32_groups") or optim.get("single_partition_of_fp32_groups")
     if not groups:
         return module
-    names = list(model_states["param_shapes"][0]) if "param_shapes" in model_states else []
     flat = torch.cat([g.flatten().float() for g in groups])
     offset, out = 0, dict(module)
     for shapes in model_states.get("param_shapes", []):
@@ -227,7 +241,6 @@ def _export_stage0(folder: Path) -> dict[str, torch.Tensor]:
             n = int(np.prod(shape))
             out[name] = flat[offset : offset + n].view(shape).clone()
             offset += n
-    del names
     return out
 
 

@@ -133,6 +133,7 @@ class SlurmConfig:
 @dataclass
 class LaunchConfig:
     nproc: int = 2  # processes for launch/local.py
+    max_restarts: int = 0  # launch/local.py: restarts of all workers from the last checkpoint after a crash
     nodes: int = 1
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -226,7 +227,13 @@ def validate(cfg: RunConfig) -> None:
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {_get(cfg, key)}")
-    for key in ("data.num_workers", "data.eval_batch_size", "train.max_steps", "checkpoint.every_steps"):
+    for key in (
+        "data.num_workers",
+        "data.eval_batch_size",
+        "train.max_steps",
+        "checkpoint.every_steps",
+        "launch.max_restarts",
+    ):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -55,14 +56,32 @@ def discover() -> DistEnv:
     )
 
 
+def restart_count() -> int:
+    """How many times torch's elastic agent restarted this job's workers (0: the first start)."""
+    return _int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def device_for(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local rendezvous or server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
-    """Join the process group (always, also alone: the engines expect one) and return the device."""
+    """Join the process group (always, also alone: the engines expect one) and return the device.
+
+    Intra-op threads follow OMP_NUM_THREADS when a launcher set it (cores / local processes):
+    two processes with all cores each ran ZeRO steps several times slower on a small machine.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -82,15 +101,25 @@ def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    """Wait for every rank (nothing to wait for alone or without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers across ranks (metrics)."""
+    return _all_reduce(values, device, "sum")
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of a few numbers across ranks (slowest step, highest memory)."""
+    return _all_reduce(values, device, "max")
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
 
 

@@ -1,10 +1,7 @@
 """Training engines built from the config: DeepSpeed ZeRO (default) or fairscale OSS + DDP.
 
-Both wrap the plain LSA model from outside (precision, sharding, activation checkpointing)
-and offer the same interface to the training loop and to checkpointing:
-
-  forward(images) -> logits; backward(loss); step() -> StepInfo at the end of an optimizer step
-  save(folder, client_state) / load(folder) -> client_state; full_state_dict() on rank 0
+Both wrap the plain LSA model from outside (precision, sharding, activation checkpointing,
+torch.compile) and satisfy one contract, `Engine`, which the trainer and checkpointing use.
 """
 
 from __future__ import annotations
@@ -13,14 +10,14 @@ import math
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .models import LSA
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,8 +25,64 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 @dataclass
 class StepInfo:
+    """What an optimizer step reports (at the end of a step, not after every micro-batch)."""
+
     lr: float
     grad_norm: float
+
+
+class Engine(Protocol):
+    """The contract between a training engine and the trainer / checkpointing."""
+
+    module: nn.Module  # the plain model (whole or, under ZeRO-3, partitioned parameters)
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of a float32 batch, whatever the precision."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> StepInfo | None:
+        """After each micro-batch; returns StepInfo when it completed an optimizer step."""
+        ...
+
+    def lr(self) -> float: ...
+
+    def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its part into folder/tag."""
+        ...
+
+    def load(self, folder: Path, tag: str) -> dict[str, Any]:
+        """Restore from folder/tag; returns the client state saved with it."""
+        ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's fp32 weights on rank 0 (collective under ZeRO-3), None elsewhere."""
+        ...
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """ConfigError unless this machine's device can train in `precision`: fp16 on a CPU needs
+    AVX-512 FP16 or AMX-FP16 (DeepSpeed's CPU accelerator refuses it otherwise), bf16 on a GPU
+    needs compute capability 8.0 or newer."""
+    if device_type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"engine.precision: bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or fp32"
+        )
+    if device_type == "cpu" and precision == "fp16" and not cpu_has_fp16():
+        raise ConfigError(
+            "engine.precision: fp16 needs a GPU or a CPU with AVX-512 FP16 / AMX-FP16, which this one lacks; "
+            "use bf16 or fp32"
+        )
+
+
+def cpu_has_fp16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def peak_lr(cfg: RunConfig, world_size: int) -> float:
@@ -92,7 +145,28 @@ def apply_activation_checkpointing(model: LSA, policy: str, every_k: int) -> lis
     return sorted(chosen)
 
 
-class DeepSpeedEngine:
+class _EngineBase:
+    """What both engines share: the config, the compute dtype, train/eval mode and the lr."""
+
+    module: nn.Module
+    engine: nn.Module  # the wrapper whose forward the trainer calls
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.dtype = PRECISIONS[cfg.engine.precision]
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _whole_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+class DeepSpeedEngine(_EngineBase):
     """deepspeed.initialize from our config: ZeRO 0-3, bf16/fp16/fp32, accumulation, clipping."""
 
     backend = "deepspeed"
@@ -100,65 +174,24 @@ class DeepSpeedEngine:
     def __init__(self, cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int) -> None:
         import deepspeed
 
-        self.cfg = cfg
-        self.dtype = PRECISIONS[cfg.engine.precision]
-        accum = cfg.optim.grad_accum_steps
-        micro = cfg.data.batch_size // accum
-        bucket = cfg.engine.bucket_size
-        zero: dict[str, Any] = {
-            "stage": cfg.engine.zero_stage,
-            "reduce_bucket_size": bucket,
-            "allgather_bucket_size": bucket,
-        }
-        if cfg.engine.zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = bucket
-        if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        ds_config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum,
-            "train_batch_size": micro * accum * world_size,
-            "zero_optimization": zero,
-            "bf16": {"enabled": cfg.engine.precision == "bf16"},
-            "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-            "gradient_clipping": cfg.optim.grad_clip,
-            "steps_per_print": 2**62,
-            "zero_allow_untested_optimizer": True,
-            "wall_clock_breakdown": False,
-        }
-        peak = peak_lr(cfg, world_size)
+        super().__init__(cfg)
         groups = param_groups(model, cfg.optim.weight_decay)
         kwargs: dict[str, Any] = {}
         if cfg.engine.offload_optimizer:
-            # ZeRO-Offload steps with DeepSpeed's CPU Adam (compiled on first use)
-            ds_config["optimizer"] = {
-                "type": "AdamW",
-                "params": {
-                    "lr": peak,
-                    "betas": list(cfg.optim.betas),
-                    "eps": cfg.optim.eps,
-                    "weight_decay": cfg.optim.weight_decay,
-                },
-            }
-            kwargs["model_parameters"] = groups
+            kwargs["model_parameters"] = groups  # ZeRO-Offload steps with DeepSpeed's CPU Adam
         else:
-            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=peak, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.lr_factor = lr_lambda(cfg, steps_per_epoch, world_size)
+            kwargs["optimizer"] = torch.optim.AdamW(
+                groups, lr=peak_lr(cfg, world_size), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+            )
+        factor = lr_lambda(cfg, steps_per_epoch, world_size)
 
         def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, config=ds_config, lr_scheduler=scheduler, **kwargs
+            model=model, config=deepspeed_config(cfg, world_size), lr_scheduler=scheduler, **kwargs
         )
         self.module = self.engine.module
-
-    @property
-    def model(self) -> nn.Module:
-        return self.engine
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.dtype != torch.float32:
@@ -175,13 +208,9 @@ class DeepSpeedEngine:
             return None
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return StepInfo(lr=self.scheduler.get_last_lr()[0], grad_norm=norm)
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return StepInfo(lr=self.lr(), grad_norm=norm)
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank writes its part into folder/tag."""
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, folder: Path, tag: str) -> dict[str, Any]:
@@ -193,17 +222,52 @@ class DeepSpeedEngine:
         return client_state
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's fp32 weights on rank 0 (gathered under ZeRO-3), None elsewhere."""
         import deepspeed
 
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.engine.zero_stage == 3):
-            if dist.get_rank() != 0:
-                return None
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+            return self._whole_state_dict() if dist.get_rank() == 0 else None
 
 
-class FairscaleEngine:
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config for this run."""
+    micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    bucket = cfg.engine.bucket_size
+    zero: dict[str, Any] = {
+        "stage": cfg.engine.zero_stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
+    if cfg.engine.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
+    if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.optim.grad_accum_steps,
+        "train_batch_size": micro * cfg.optim.grad_accum_steps * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 2**62,
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.engine.offload_optimizer:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": peak_lr(cfg, world_size),
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
+        }
+    return config
+
+
+class FairscaleEngine(_EngineBase):
     """fairscale's OSS optimizer-state sharding with torch DDP (and its checkpoint wrapper)."""
 
     backend = "fairscale"
@@ -212,14 +276,12 @@ class FairscaleEngine:
         from fairscale.optim import OSS
         from torch.nn.parallel import DistributedDataParallel
 
-        self.cfg = cfg
-        self.dtype = PRECISIONS[cfg.engine.precision]
+        super().__init__(cfg)
         self.device = device
         self.module = model.to(device)
         self.engine = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        groups = param_groups(model, cfg.optim.weight_decay)
         self.optimizer = OSS(
-            groups,
+            param_groups(model, cfg.optim.weight_decay),
             optim=torch.optim.AdamW,
             lr=peak_lr(cfg, world_size),
             betas=tuple(cfg.optim.betas),
@@ -229,13 +291,6 @@ class FairscaleEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch, world_size))
         self.accum = cfg.optim.grad_accum_steps
         self.micro = 0
-
-    @property
-    def model(self) -> nn.Module:
-        return self.engine
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # DDP synchronises gradients only in the last micro-batch of an optimizer step
@@ -259,10 +314,7 @@ class FairscaleEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepInfo(lr=self.scheduler.get_last_lr()[0], grad_norm=norm)
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return StepInfo(lr=self.lr(), grad_norm=norm)
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         """OSS consolidates the sharded optimizer state on rank 0, which writes everything."""
@@ -290,27 +342,28 @@ class FairscaleEngine:
         return state["client_state"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if dist.get_rank() != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-
-
-Engine = DeepSpeedEngine | FairscaleEngine
+        return self._whole_state_dict() if dist.get_rank() == 0 else None
 
 
 def build_engine(cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int, device: torch.device) -> Engine:
-    """Activation checkpointing first (it patches the plain model), then the chosen backend."""
+    """Activation checkpointing first (it patches the plain model's blocks), then torch.compile
+    (in place: parameter names, and so checkpoints, are unchanged), then the chosen backend."""
+    check_precision(cfg.engine.precision, device.type)
+    policy, every_k = cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
     if cfg.engine.backend == "fairscale":
-        if cfg.engine.activation_checkpointing != "none":
+        if policy != "none":
             from fairscale.nn.checkpoint import checkpoint_wrapper
 
+            chosen = set(checkpointed_blocks(model, policy, every_k))
             for name, block in model.blocks():
-                if name in checkpointed_blocks(
-                    model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
-                ):
+                if name in chosen:
                     checkpoint_wrapper(block)  # patches forward in place; names unchanged
+    else:
+        apply_activation_checkpointing(model, policy, every_k)
+    if cfg.engine.compile:
+        model.compile()
+    if cfg.engine.backend == "fairscale":
         return FairscaleEngine(cfg, model, steps_per_epoch, world_size, device)
-    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k)
     return DeepSpeedEngine(cfg, model.to(device), steps_per_epoch, world_size)
 
 
@@ -318,14 +371,12 @@ def warm_up() -> None:
     """Build DeepSpeed's JIT-compiled ops once (set-up calls this) so that runs and tests
     find them in the torch extensions cache instead of compiling for a minute."""
     import os
-    import socket
 
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from .dist import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     model = nn.Linear(4, 4)

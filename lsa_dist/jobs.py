@@ -23,8 +23,9 @@ class TrainJob:
         import torch.distributed as dist
 
         from . import dist as D
+        from .cli import EXIT_STOPPED
         from .tracking import RUN_ID_ENV
-        from .train import PREEMPTED_EXIT, main
+        from .train import main
 
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -40,7 +41,7 @@ class TrainJob:
             # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
             if result.stop_signal in ("SIGUSR2", "by another rank"):
                 self._requeue(requeue, env.rank)
-                D.shutdown(PREEMPTED_EXIT)  # leave no result: the requeued job is the continuation
+                D.shutdown(EXIT_STOPPED)  # leave no result: the requeued job is the continuation
             raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
         if dist.is_initialized():
             dist.destroy_process_group()

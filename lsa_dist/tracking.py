@@ -101,6 +101,12 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
         return ""
 
 
+def run_id_for(cfg: RunConfig, previous: str) -> str:
+    """The MLflow run a worker logs to: the one its launcher prepared ($LSA_MLFLOW_RUN_ID), else
+    one prepared here (a single process, or rank 0 under a plain torchrun)."""
+    return os.environ.get(RUN_ID_ENV) or prepare(cfg, previous)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__

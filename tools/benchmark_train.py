@@ -7,7 +7,9 @@
    same threads per process), measured in the same run. Ratio target: at least 0.9. And the
    same run with MLflow tracking on (a sqlite backend, metrics logged every step) against off,
    interleaved and repeated (--repeats) so drift on a busy machine hits both: target at least 0.98.
-2. Memory: bytes held by each rank's model states (weights, gradients, optimizer state) after
+2. torch.compile (engine.compile): eager against compiled runs of the same config, the first
+   step's extra time (compilation) and the steady-state speed-up.
+3. Memory: bytes held by each rank's model states (weights, gradients, optimizer state) after
    two steps, for ZeRO 0/1/2/3 and fairscale OSS with 2 processes, on a model with lsa_large's
    widths (its depth scaled down to fit a small machine).
 
@@ -30,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lsa_dist import cli  # noqa: E402
+
 MEMORY_CASES = [
     ("ZeRO-0", ["engine.backend=deepspeed", "engine.zero_stage=0"]),
     ("ZeRO-1", ["engine.backend=deepspeed", "engine.zero_stage=1"]),
@@ -51,12 +55,13 @@ def model_only_worker(cfg_path: Path, overrides: list[str], steps: int, threads:
 
     from lsa_dist.config import load_config, model_overrides
     from lsa_dist.data import load_dataset_info
+    from lsa_dist.engine import PRECISIONS
     from lsa_dist.models import create_model
 
     torch.set_num_threads(threads)
     cfg = load_config(cfg_path, overrides)
     info = load_dataset_info(cfg.data.root)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+    dtype = PRECISIONS[cfg.engine.precision]
     model = create_model(cfg.model.name, **model_overrides(cfg, info.num_classes)).to(dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch, size = cfg.data.batch_size, cfg.data.image_size
@@ -147,88 +152,129 @@ def end_to_end_rate(
 
 
 def memory_per_rank(cfg_path: Path, overrides: list[str]) -> tuple[dict, int]:
-    from launch.local import free_port, worker_env
-
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = worker_env(rank, 2, port, "")
-        cmd = _worker("memory", str(cfg_path), *overrides)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            raise SystemExit(f"memory run {overrides} failed:\n{err[-2000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    """The memory worker on 2 ranks, started by torch's own launcher (torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [__file__, "--worker", "memory", str(cfg_path), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // 2)), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"memory run {overrides} failed:\n{proc.stderr[-2000:]}")
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
     worst = {key: max(r[key] for r in results) for key in ("live_mb", "peak_mb")}
     return worst, results[0]["params"]
 
 
+def throughput(args: argparse.Namespace, workdir: Path, threads: int) -> dict:
+    e2e = end_to_end_rate(args.config, args.overrides, workdir, args.nproc, args.steps)
+    model_only = model_only_rate(args.config, args.overrides, args.steps // 2, threads) * args.nproc
+    print(f"\nthroughput ({args.config.name}, {args.nproc} process(es) x {threads} threads)")
+    print(f"{'':<34} {'images/s':>9}")
+    print(f"{'model-only step (data in memory)':<34} {model_only:>9.1f}")
+    print(f"{'training run (launch/local.py)':<34} {e2e:>9.1f}")
+    print(f"{'ratio':<34} {e2e / model_only:>9.2f}")
+    return {"end_to_end": e2e, "model_only": model_only, "ratio": e2e / model_only}
+
+
+def tracking_cost(args: argparse.Namespace, workdir: Path) -> dict:
+    pairs = []
+    for repeat in range(args.repeats):
+        run = partial(end_to_end_rate, args.config, args.overrides, workdir, args.nproc, args.steps)
+        pair = [run(tracked=tracked, log_every=1, tag=f"-every-step-{repeat}") for tracked in (False, True)]
+        pairs.append(pair)
+        print(f"  tracking off/on pair {repeat + 1}: {pair[0]:.1f} / {pair[1]:.1f} images/s", file=sys.stderr)
+    untracked, tracked = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    ratio = statistics.median(p[1] / p[0] for p in pairs)
+    print(f"\nMLflow tracking, metrics every step (median of {args.repeats} interleaved pairs)")
+    print(f"{'training run, tracking off':<34} {untracked:>9.1f}")
+    print(f"{'training run, tracking on':<34} {tracked:>9.1f}")
+    print(f"{'tracking on / off (per pair)':<34} {ratio:>9.2f}")
+    return {"off": untracked, "on": tracked, "ratio": ratio, "pairs": pairs, "log_every": 1}
+
+
+def compile_cost(args: argparse.Namespace, workdir: Path) -> dict:
+    """engine.compile: the first step's extra time (compilation) and the steady-state speed-up,
+    eager and compiled runs of the same config (activation checkpointing as configured)."""
+    rows = {}
+    for compiled in (False, True):
+        tag = f"-compile-{compiled}"
+        overrides = [*args.overrides, f"engine.compile={str(compiled).lower()}"]
+        rate = end_to_end_rate(args.config, overrides, workdir, args.nproc, args.steps, tag=tag)
+        first = first_step_seconds(workdir / f"e2e{args.nproc}{tag}")
+        rows[compiled] = {"images_per_s": rate, "first_step_s": first}
+    eager, compiled = rows[False], rows[True]
+    speedup = compiled["images_per_s"] / eager["images_per_s"]
+    compile_s = compiled["first_step_s"] - eager["first_step_s"]
+    print(f"\ntorch.compile (engine.compile), {args.nproc} process(es)")
+    print(f"{'':<34} {'images/s':>9} {'first step':>11}")
+    print(f"{'eager':<34} {eager['images_per_s']:>9.1f} {eager['first_step_s']:>9.1f} s")
+    print(f"{'compiled':<34} {compiled['images_per_s']:>9.1f} {compiled['first_step_s']:>9.1f} s")
+    print(f"{'compiled / eager':<34} {speedup:>9.2f}   compile time {compile_s:.0f} s")
+    return {"eager": eager, "compiled": compiled, "speedup": speedup, "compile_s": compile_s}
+
+
+def first_step_seconds(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["train/first_step_s"] for r in rows if "train/first_step_s" in r)
+
+
+def memory_table(args: argparse.Namespace) -> dict:
+    memory = {}
+    base = [*LARGE_LIKE, "data.batch_size=2", "engine.precision=bf16", "engine.bucket_size=5000000"]
+    for label, case in MEMORY_CASES:
+        start = time.perf_counter()
+        memory[label], params = memory_per_rank(args.config, base + case)
+        print(f"  measured {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"\nmodel states per rank, 2 processes, bf16, {params / 1e6:.1f} M parameters (lsa_large widths)")
+    print(f"{'engine':<16} {'held after step':>16} {'vs ZeRO-0':>10} {'peak in step':>13} {'vs ZeRO-0':>10}")
+    zero0 = memory["ZeRO-0"]
+    for label, mb in memory.items():
+        held, peak = mb["live_mb"], mb["peak_mb"]
+        print(
+            f"{label:<16} {held:>13.0f} MB {held / zero0['live_mb']:>9.2f}x "
+            f"{peak:>10.0f} MB {peak / zero0['peak_mb']:>9.2f}x"
+        )
+    return memory
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    kind, cfg_path, *rest = args.worker
+    if kind == "model":
+        print(json.dumps(model_only_worker(Path(cfg_path), rest[2:] + args.overrides, int(rest[0]), int(rest[1]))))
+        return 0
+    from lsa_dist import dist as D
+
+    print(json.dumps(memory_worker(Path(cfg_path), rest + args.overrides)), flush=True)
+    D.shutdown(0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser = cli.config_parser(__doc__, config_required=False)
+    parser.set_defaults(config=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--steps", type=int, default=60, help="training steps per throughput run")
     parser.add_argument("--nproc", type=int, default=1, help="processes of the end-to-end run (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved tracking off/on pairs (default 3)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no eager vs engine.compile runs")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for the throughput runs")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        kind, cfg_path, *rest = args.worker
-        if kind == "model":
-            print(json.dumps(model_only_worker(Path(cfg_path), rest[2:] + args.overrides, int(rest[0]), int(rest[1]))))
-            return 0
-        from lsa_dist import dist as D
-
-        print(json.dumps(memory_worker(Path(cfg_path), rest + args.overrides)), flush=True)
-        D.shutdown(0)
+        return run_worker(args)
+    try:  # the runs below would each fail on a bad config; say it once, before any starts
+        cli.load(args)
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
     threads = max(1, (os.cpu_count() or 1) // args.nproc)
     results: dict = {"config": str(args.config), "nproc": args.nproc}
     with tempfile.TemporaryDirectory(prefix="lsa-bench-train-") as tmp:
         workdir = Path(tmp)
-        e2e = end_to_end_rate(args.config, args.overrides, workdir, args.nproc, args.steps)
-        model_only = model_only_rate(args.config, args.overrides, args.steps // 2, threads) * args.nproc
-        pairs = []
-        for repeat in range(args.repeats):
-            pair = []
-            for tracked in (False, True):
-                run = partial(end_to_end_rate, args.config, args.overrides, workdir, args.nproc, args.steps)
-                pair.append(run(tracked=tracked, log_every=1, tag=f"-every-step-{repeat}"))
-            pairs.append(pair)
-            print(f"  tracking off/on pair {repeat + 1}: {pair[0]:.1f} / {pair[1]:.1f} images/s", file=sys.stderr)
-        untracked = statistics.median(p[0] for p in pairs)
-        tracked = statistics.median(p[1] for p in pairs)
-        ratio = statistics.median(p[1] / p[0] for p in pairs)
-        results["throughput"] = {"end_to_end": e2e, "model_only": model_only, "ratio": e2e / model_only}
-        results["tracking"] = {"off": untracked, "on": tracked, "ratio": ratio, "pairs": pairs, "log_every": 1}
-        print(f"\nthroughput ({args.config.name}, {args.nproc} process(es) x {threads} threads)")
-        print(f"{'':<34} {'images/s':>9}")
-        print(f"{'model-only step (data in memory)':<34} {model_only:>9.1f}")
-        print(f"{'training run (launch/local.py)':<34} {e2e:>9.1f}")
-        print(f"{'ratio':<34} {e2e / model_only:>9.2f}")
-        print(f"\nMLflow tracking, metrics every step (median of {args.repeats} interleaved pairs)")
-        print(f"{'training run, tracking off':<34} {untracked:>9.1f}")
-        print(f"{'training run, tracking on':<34} {tracked:>9.1f}")
-        print(f"{'tracking on / off (per pair)':<34} {ratio:>9.2f}")
+        results["throughput"] = throughput(args, workdir, threads)
+        results["tracking"] = tracking_cost(args, workdir)
+        if not args.skip_compile:
+            results["compile"] = compile_cost(args, workdir)
         if not args.skip_memory:
-            memory = {}
-            base = [*LARGE_LIKE, "data.batch_size=2", "engine.precision=bf16", "engine.bucket_size=5000000"]
-            for label, case in MEMORY_CASES:
-                start = time.perf_counter()
-                memory[label], params = memory_per_rank(args.config, base + case)
-                print(f"  measured {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            results["memory_mb_per_rank"] = memory
-            print(f"\nmodel states per rank, 2 processes, bf16, {params / 1e6:.1f} M parameters (lsa_large widths)")
-            print(f"{'engine':<16} {'held after step':>16} {'vs ZeRO-0':>10} {'peak in step':>13} {'vs ZeRO-0':>10}")
-            zero0 = memory["ZeRO-0"]
-            for label, mb in memory.items():
-                held, peak = mb["live_mb"], mb["peak_mb"]
-                print(
-                    f"{label:<16} {held:>13.0f} MB {held / zero0['live_mb']:>9.2f}x "
-                    f"{peak:>10.0f} MB {peak / zero0['peak_mb']:>9.2f}x"
-                )
+            results["memory_mb_per_rank"] = memory_table(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -19,9 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lsa_dist import cli  # noqa: E402
 from lsa_dist.checkpoint import CheckpointError, CheckpointManager, export_fp32, save_model_file  # noqa: E402
-from lsa_dist.config import ConfigError, load_config, model_overrides  # noqa: E402
-from lsa_dist.data import DatasetError, build_loader  # noqa: E402
+from lsa_dist.config import RunConfig, load_config, model_overrides  # noqa: E402
+from lsa_dist.data import build_loader  # noqa: E402
+from lsa_dist.metrics import evaluate  # noqa: E402
 from lsa_dist.models import LSA, model_config  # noqa: E402
 
 
@@ -36,25 +38,17 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for meta.json and checkpoints/latest)")
 
 
-def evaluate(model: LSA, cfg, device: torch.device) -> dict[str, float]:  # noqa: ANN001
-    from lsa_dist.train import accuracy_counts
-
+def evaluate_model(model: LSA, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """top-1 / top-5 / loss on the config's val split, in this one process."""
     loader = build_loader(cfg.data, cfg.data.val_split, 0, 1, train=False, seed=cfg.train.seed)
     model.to(device).eval()
-    sums = [0.0, 0.0, 0.0, 0.0]
-    with torch.no_grad():
-        for images, labels in loader.epoch(0):
-            logits = model(loader.to_model_input(images.to(device)))
-            sums = [a + b for a, b in zip(sums, accuracy_counts(logits.float(), labels.to(device)))]
-    loss, top1, top5, count = sums
-    return {"val/loss": loss / count, "val/top1": 100 * top1 / count, "val/top5": 100 * top5 / count, "samples": count}
+    return evaluate(model, loader.epoch(0), loader.to_model_input, device)
 
 
 def main(argv: list[str] | None = None) -> int:
+    first, _, rest = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--out", type=Path, default=None, help="model file to write (default: RUN/export.pt)")
@@ -74,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.eval_only:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            metrics = evaluate(model, cfg, device)
+            metrics = evaluate_model(model, cfg, device)
             top = f"val top-1 {metrics['val/top1']:.2f}%  top-5 {metrics['val/top5']:.2f}%"
             line = f"{top}  loss {metrics['val/loss']:.4f}"
-            print(f"{folder}: {line}  ({metrics['samples']:.0f} images)")
+            print(f"{folder}: {line}  ({metrics['val/images']:.0f} images)")
             return 0
         out = args.out or folder.parent.parent / "export.pt"
         save_model_file(out, dict(model.cfg.__dict__), {k: v.contiguous() for k, v in model.state_dict().items()})
@@ -85,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         origin = f"step {meta.get('step')}, {meta.get('backend')} ZeRO-{meta.get('zero_stage')}"
         print(f"wrote {out} ({size:.2f} M parameters, {origin})")
         return 0
-    except (CheckpointError, ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
 
 
 if __name__ == "__main__":

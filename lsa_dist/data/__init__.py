@@ -1,15 +1,18 @@
 """Data: ImageNet conversion, dataset.json, and the WebDataset and FFCV pipelines.
 
 The batch contract of both pipelines: an iterable of (images, labels) for this rank, images
-float32 (B, 3, S, S) normalised on CPU with the dataset's mean/std (from dataset.json),
-labels int64 (B,); -1 marks evaluation padding. `len(loader)` batches per epoch, the same on
-every rank.
+uint8 (B, 3, S, S), labels int64 (B,); -1 marks evaluation padding. `len(loader)` batches per
+epoch, the same on every rank. `loader.to_model_input(images)` turns a batch into model input
+on the device it is on: float32, normalised with the dataset's mean/std from dataset.json, and
+randomly erased when training the imagenet recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
+
+import torch
 
 from ..config import DataConfig
 from .dataset import DatasetError, DatasetInfo, load_dataset_info
@@ -21,6 +24,7 @@ class BatchLoader(Protocol):
 
     num_batches: int
     batch_size: int
+    to_model_input: Callable[[torch.Tensor], torch.Tensor]
 
     def __len__(self) -> int: ...
 

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .dataset import DATASET_FILE, FORMAT_VERSION, atomic_write_bytes, atomic_write_json, sha256_file
+from ..fs import atomic_write_json, sha256_file
+from .dataset import DATASET_FILE, FORMAT_VERSION
 from .imagenet import Sample, scan_imagenet
 
 FORMATS = ("wds", "ffcv", "both")
@@ -263,16 +264,7 @@ def convert(
         require_ffcv()
     source = scan_imagenet(src, tuple(splits), val_labels, options.limit_per_class)
     manifest_path = out / DATASET_FILE
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        old = previous.get("options", {})
-        new = _options_dict(options, splits)
-        changed = sorted(k for k in new if k in old and old[k] != new[k])
-        if changed:
-            raise ConversionError(
-                f"{out} already holds a conversion made with different options ({', '.join(changed)}); "
-                "convert into a new --out folder"
-            )
+    _refuse_other_options(manifest_path, _options_dict(options, splits))
     # With ffcv alone the shards are an intermediate, staged out of sight and removed at the end.
     shard_dir = out / ("wds" if formats in ("wds", "both") else ".staging-wds")
     (shard_dir / RECORDS).mkdir(parents=True, exist_ok=True)
@@ -289,61 +281,95 @@ def convert(
         "class_names": source.names,
         "splits": {},
     }
-    train_sums, train_sq, train_pixels = np.zeros(3), np.zeros(3), 0
     for split in splits:
-        tasks = plan_shards(split, source.splits[split], shard_dir, options)
-        records: dict[str, ShardRecord] = {}
-        todo = []
-        for task in tasks:
-            done = _finished(task)
-            if done is None:
-                todo.append(task)
-            else:
-                records[task.name] = done
-        if records:
-            print(f"{split}: {len(records)} of {len(tasks)} shards already finished, converting the rest")
-        for record in _run_tasks(todo, workers, f"{split} -> shards"):
-            records[record.name] = record
-        ordered = [records[t.name] for t in tasks]
-        fixed: Counter[str] = Counter()
-        for r in ordered:
-            fixed.update(r.fixed)
-        entry: dict[str, Any] = {
-            "num_samples": sum(r.num_samples for r in ordered),
-            "num_source_files": len(source.splits[split]),
-            "shards": [
-                {"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256} for r in ordered
-            ],
-            "fixed": dict(sorted(fixed.items())),
-            "skipped": [s for r in ordered for s in r.skipped],
-        }
+        records = _convert_split(split, source.splits[split], shard_dir, options, workers)
+        manifest["splits"][split] = _split_entry(records, len(source.splits[split]))
         if split == "train":
-            for r in ordered:
-                train_sums += r.pixel_sum
-                train_sq += r.pixel_sq_sum
-                train_pixels += r.pixels
-        manifest["splits"][split] = entry
-    if train_pixels:
-        mean = train_sums / train_pixels
-        manifest["mean"] = mean.tolist()
-        manifest["std"] = np.sqrt(np.maximum(train_sq / train_pixels - mean**2, 1e-12)).tolist()
+            manifest.update(_pixel_statistics(records))
     if formats in ("wds", "both"):
         manifest["wds_dir"] = "wds"
     if want_ffcv:
-        from .ffcv import write_beton
-
-        (out / "ffcv").mkdir(exist_ok=True)
-        for split in splits:
-            shards = [shard_dir / s["name"] for s in manifest["splits"][split]["shards"]]
-            target = out / "ffcv" / f"{split}.beton"
-            info = write_beton(shards, target, options.max_side, options.jpeg_quality, workers)
-            manifest["splits"][split]["ffcv"] = {"name": f"ffcv/{split}.beton", **info}
+        _write_betons(manifest, out, shard_dir, options, workers)
     atomic_write_json(manifest_path, manifest)
     if formats == "ffcv":
         for path in sorted(shard_dir.rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
         shard_dir.rmdir()
     return manifest
+
+
+def _refuse_other_options(manifest_path: Path, new: dict[str, Any]) -> None:
+    """A re-run resumes the conversion in the folder only with the options it was made with."""
+    if not manifest_path.is_file():
+        return
+    old = json.loads(manifest_path.read_text()).get("options", {})
+    changed = sorted(k for k in new if k in old and old[k] != new[k])
+    if changed:
+        raise ConversionError(
+            f"{manifest_path.parent} already holds a conversion made with different options ({', '.join(changed)}); "
+            "convert into a new --out folder"
+        )
+
+
+def _convert_split(
+    split: str, samples: list[Sample], shard_dir: Path, options: ConvertOptions, workers: int
+) -> list[ShardRecord]:
+    """Write the split's shards that have no record yet; returns every shard's record, in order."""
+    tasks = plan_shards(split, samples, shard_dir, options)
+    records: dict[str, ShardRecord] = {}
+    todo = []
+    for task in tasks:
+        done = _finished(task)
+        if done is None:
+            todo.append(task)
+        else:
+            records[task.name] = done
+    if records:
+        print(f"{split}: {len(records)} of {len(tasks)} shards already finished, converting the rest")
+    for record in _run_tasks(todo, workers, f"{split} -> shards"):
+        records[record.name] = record
+    return [records[t.name] for t in tasks]
+
+
+def _split_entry(records: list[ShardRecord], num_source_files: int) -> dict[str, Any]:
+    """A split's entry in dataset.json."""
+    fixed: Counter[str] = Counter()
+    for r in records:
+        fixed.update(r.fixed)
+    return {
+        "num_samples": sum(r.num_samples for r in records),
+        "num_source_files": num_source_files,
+        "shards": [
+            {"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256} for r in records
+        ],
+        "fixed": dict(sorted(fixed.items())),
+        "skipped": [s for r in records for s in r.skipped],
+    }
+
+
+def _pixel_statistics(records: list[ShardRecord]) -> dict[str, Any]:
+    """Per-channel mean and std of the stored training pixels (0-1 scale)."""
+    sums, squares, pixels = np.zeros(3), np.zeros(3), 0
+    for r in records:
+        sums += r.pixel_sum
+        squares += r.pixel_sq_sum
+        pixels += r.pixels
+    if not pixels:
+        return {}
+    mean = sums / pixels
+    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(squares / pixels - mean**2, 1e-12)).tolist()}
+
+
+def _write_betons(manifest: dict[str, Any], out: Path, shard_dir: Path, options: ConvertOptions, workers: int) -> None:
+    """FFCV files of every split, written from its finished shards, recorded in the manifest."""
+    from .ffcv import write_beton
+
+    (out / "ffcv").mkdir(exist_ok=True)
+    for split, entry in manifest["splits"].items():
+        shards = [shard_dir / s["name"] for s in entry["shards"]]
+        target = out / "ffcv" / f"{split}.beton"
+        info = write_beton(shards, target, options.max_side, options.jpeg_quality, workers)
+        entry["ffcv"] = {"name": f"ffcv/{split}.beton", **info}
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -371,7 +397,6 @@ __all__ = [
     "BadImageError",
     "ConversionError",
     "ConvertOptions",
-    "atomic_write_bytes",
     "convert",
     "process_image",
     "summary",

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from ..fs import sha256_file
 
 DATASET_FILE = "dataset.json"
 FORMAT_VERSION = 1
@@ -15,32 +14,6 @@ FORMAT_VERSION = 1
 
 class DatasetError(ValueError):
     """A converted dataset that is missing, incomplete or inconsistent; the message names the file."""
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .dataset import DatasetError, DatasetInfo, sha256_file
+from ..fs import sha256_file
+from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, batches_per_rank, epoch_rng, rank_span
 from .transforms import ModelInput, decode_pil
 

@@ -77,6 +77,42 @@ def read_val_solution(path: Path) -> dict[str, str]:
     return labels
 
 
+def _class_folder_samples(class_dirs: list[Path], index: dict[str, int], limit: int | None) -> list[Sample]:
+    """<split>/<wnid>/*.JPEG"""
+    samples: list[Sample] = []
+    for class_dir in class_dirs:
+        if class_dir.name not in index:
+            raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the training classes")
+        files = _images_in(class_dir)[:limit]
+        samples += [Sample(p, index[class_dir.name], sample_key(p)) for p in files]
+    return samples
+
+
+def _flat_folder_samples(folder: Path, labels_path: Path, index: dict[str, int], limit: int | None) -> list[Sample]:
+    """<split>/*.JPEG labelled by a LOC_val_solution.csv."""
+    if not labels_path.is_file():
+        raise SourceError(
+            f"{folder} holds images without class folders and no label file was found at "
+            f"{labels_path}; pass --val-labels LOC_val_solution.csv"
+        )
+    labels = read_val_solution(labels_path)
+    per_class: dict[int, int] = {}
+    samples: list[Sample] = []
+    for path in _images_in(folder):
+        image_id = path.name.rsplit(".", 1)[0]
+        if image_id not in labels:
+            raise SourceError(f"{path.name} has no row in {labels_path}")
+        wnid = labels[image_id]
+        if wnid not in index:
+            raise SourceError(f"{labels_path}: {image_id} is labelled {wnid!r}, not a training class")
+        label = index[wnid]
+        if limit is not None and per_class.get(label, 0) >= limit:
+            continue
+        per_class[label] = per_class.get(label, 0) + 1
+        samples.append(Sample(path, label, sample_key(path)))
+    return samples
+
+
 def scan_imagenet(
     src: str | Path,
     splits: tuple[str, ...] = ("train", "val"),
@@ -103,34 +139,11 @@ def scan_imagenet(
         if not folder.is_dir():
             raise SourceError(f"{root} has no {split}/ folder")
         class_dirs = [p for p in folder.iterdir() if p.is_dir()]
-        samples: list[Sample] = []
         if class_dirs:
-            for class_dir in sorted(class_dirs):
-                if class_dir.name not in index:
-                    raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the training classes")
-                files = _images_in(class_dir)[:limit_per_class]
-                samples += [Sample(p, index[class_dir.name], sample_key(p)) for p in files]
+            samples = _class_folder_samples(sorted(class_dirs), index, limit_per_class)
         else:
             labels_path = Path(val_labels) if val_labels else root / "LOC_val_solution.csv"
-            if not labels_path.is_file():
-                raise SourceError(
-                    f"{folder} holds images without class folders and no label file was found at "
-                    f"{labels_path}; pass --val-labels LOC_val_solution.csv"
-                )
-            labels = read_val_solution(labels_path)
-            per_class: dict[int, int] = {}
-            for path in _images_in(folder):
-                image_id = path.name.rsplit(".", 1)[0]
-                if image_id not in labels:
-                    raise SourceError(f"{path.name} has no row in {labels_path}")
-                wnid = labels[image_id]
-                if wnid not in index:
-                    raise SourceError(f"{labels_path}: {image_id} is labelled {wnid!r}, not a training class")
-                label = index[wnid]
-                if limit_per_class is not None and per_class.get(label, 0) >= limit_per_class:
-                    continue
-                per_class[label] = per_class.get(label, 0) + 1
-                samples.append(Sample(path, label, sample_key(path)))
+            samples = _flat_folder_samples(folder, labels_path, index, limit_per_class)
         if not samples:
             raise SourceError(f"{folder} contains no images")
         duplicates = [k for k, n in Counter(s.key for s in samples).items() if n > 1]

@@ -1,0 +1,116 @@
+"""Where a run's metrics go: RUN/metrics.jsonl, MLflow, and the console of rank 0.
+
+`Sinks.log(metrics, step)` is the one call the trainer makes; each sink takes what it shows:
+the file and MLflow keep everything, the console prints epoch summaries and, every
+`train.log_every` steps, a progress line (or, on a terminal, a progress bar's postfix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .tracking import Tracker
+
+PROGRESS = "progress/"  # the keys of a progress window (see Console.progress_line)
+SUMMARY_KEYS = ("train/epoch_loss", "val/loss", "val/top1", "val/top5", "val_ema/top1")
+
+
+def interactive() -> bool:
+    """Whether rank 0 draws progress bars: LSA_PROGRESS=1/0 (the local launcher sets it from its
+    own terminal, since the workers write to log files) or, unset, whether stderr is a terminal."""
+    setting = os.environ.get("LSA_PROGRESS", "")
+    return setting == "1" or (setting == "" and sys.stderr.isatty())
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """The summary keys of `metrics`, as `key value` pairs (accuracies in percent)."""
+    parts = []
+    for key in SUMMARY_KEYS:
+        if key in metrics:
+            value = metrics[key]
+            parts.append(f"{key} {value:.2f}%" if key.endswith(("top1", "top5")) else f"{key} {value:.4f}")
+    return "  ".join(parts)
+
+
+def progress_line(m: dict[str, float], step: int, total_steps: int) -> str:
+    """One plain line per window, for logs that are not a terminal (SLURM, pipes)."""
+    p = {k[len(PROGRESS) :]: v for k, v in m.items() if k.startswith(PROGRESS)}
+    return (
+        f"step {step}/{total_steps}  epoch {p['epoch']:.2f}  loss {p['loss']:.4f}  lr {p['lr']:.3e}  "
+        f"{p['images_per_s']:.1f} img/s  data {p['data_wait_ms']:.1f} ms  step {p['step_ms']:.1f} ms  "
+        f"mem {p['peak_mem_mb']:.0f} MB  eta {format_duration(p['eta_s'])}"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Console:
+    """Rank 0's terminal or log: bars when interactive, plain lines otherwise; silent elsewhere."""
+
+    def __init__(self, enabled: bool, epochs: int, total_steps: int) -> None:
+        self.enabled, self.epochs, self.total_steps = enabled, epochs, total_steps
+        self.interactive = enabled and interactive()
+        self.bar: Any = None
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def progress(self, iterable: Iterable, total: int, desc: str) -> Iterator:
+        """`iterable` with a progress bar when interactive."""
+        if not self.interactive:
+            yield from iterable
+            return
+        from tqdm import tqdm
+
+        with tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+            self.bar = bar
+            try:
+                yield from bar
+            finally:
+                self.bar = None
+
+    def show(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        if "epoch" in metrics:
+            self.say(f"epoch {int(metrics['epoch'])}/{self.epochs} step {step}  {metrics_line(metrics)}")
+        elif f"{PROGRESS}loss" in metrics:
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{metrics[PROGRESS + 'loss']:.4f}", lr=f"{metrics[PROGRESS + 'lr']:.2e}")
+            elif not self.interactive:
+                self.say(progress_line(metrics, step, self.total_steps))
+
+
+class MetricsFile:
+    """RUN/metrics.jsonl on rank 0: every logged metric, readable without MLflow."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+
+class Sinks:
+    """Fan-out of `log(metrics, step)` to the metrics file, MLflow and the console."""
+
+    def __init__(self, metrics_file: MetricsFile, tracker: Tracker, console: Console) -> None:
+        self.file, self.tracker, self.console = metrics_file, tracker, console
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.file.write(metrics, step)
+        self.tracker.log_metrics(metrics, step)
+        self.console.show(metrics, step)

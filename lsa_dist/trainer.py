@@ -1,0 +1,416 @@
+"""The Trainer: one process's part of a run, from the config to the exported model.
+
+The constructor builds everything from the config (process group, data, model, engine,
+checkpoints, tracking) and resumes; `fit()` is the loop, `train_step()` one optimizer step,
+`evaluate()` the validation metrics, `checkpoint()` the save policy and `log()` the one way
+metrics leave the loop (metrics.jsonl, MLflow and rank 0's console).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import dist as D
+from .checkpoint import CheckpointManager, TrainState, checkpoint_to_resume, save_model_file
+from .config import ConfigError, RunConfig, model_overrides, to_yaml
+from .data import build_loader, load_dataset_info
+from .data.transforms import build_mixup
+from .engine import PRECISIONS, StepInfo, build_engine
+from .fs import atomic_write_text, sha256_file
+from .metrics import evaluate, mfu, peak_flops
+from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
+from .sinks import Console, MetricsFile, Sinks, metrics_line
+from .tracking import Tracker, run_id_for, system_info
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM via submitit
+
+
+@dataclass
+class Result:
+    """What a finished (or stopped) run reports back to its launcher."""
+
+    status: str  # finished | stopped
+    epoch: int
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: str = ""
+    run_id: str = ""
+    run_dir: str = ""
+    stop_signal: str = ""  # what stopped it: SIGUSR2 (SLURM preemption / time limit), SIGTERM, ...
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT/SIGUSR1/SIGUSR2: checkpoint at the next step boundary and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal = ""
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: its mean loss on this rank (a tensor on the device: reading it
+    waits for the step) and what the engine reported at the step's end."""
+
+    loss: torch.Tensor
+    info: StepInfo | None
+
+
+class Window:
+    """What happened since a window (of logging) began: steps, images, data wait, loss sum."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.steps, self.images, self.data_wait = 0, 0, 0.0
+        self.loss_sum: torch.Tensor | float = 0.0
+
+    def add(self, output: StepOutput, images: int) -> None:
+        self.steps += 1
+        self.images += images
+        self.loss_sum = self.loss_sum + output.loss
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    """Training (or evaluation) of one run on this process's rank; every rank builds one."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.env = D.discover()
+        self.device = D.init(self.env)
+        self.stop = StopRequest()
+        self.stop.install()
+        torch.manual_seed(cfg.train.seed)
+        self.run_dir = cfg.run_dir
+        self.config_yaml = to_yaml(cfg)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
+        D.barrier()
+        self._build_data()
+        self.console = Console(self.env.is_main, cfg.optim.epochs, self.max_steps)
+        self._build_model()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.env.rank)
+        self.state = TrainState(
+            world_size=self.env.world_size, backend=cfg.engine.backend, zero_stage=cfg.engine.zero_stage
+        )
+        self.resumed_from = self._resume()
+        self.sinks = Sinks(MetricsFile(self.run_dir / "metrics.jsonl", self.env.is_main), self._tracker(), self.console)
+        self.mixup = build_mixup(cfg.data.augment, self.num_classes) if cfg.data.augment.recipe == "imagenet" else None
+        dtype = PRECISIONS[cfg.engine.precision]
+        self.peak_flops = cfg.engine.peak_tflops * 1e12 or peak_flops(self.device, dtype)
+        self.last_metrics: dict[str, float] = {}
+        self.saved_step = -1
+
+    # -- building -----------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        info = load_dataset_info(cfg.data.root)
+        self.num_classes = cfg.model.num_classes or info.num_classes
+        if self.num_classes != info.num_classes:
+            raise ConfigError(
+                f"model.num_classes: {self.num_classes} but {cfg.data.root} has {info.num_classes} classes"
+            )
+        self.train_loader = build_loader(
+            cfg.data, cfg.data.train_split, env.rank, env.world_size, True, cfg.train.seed, info
+        )
+        self.val_loader = build_loader(
+            cfg.data, cfg.data.val_split, env.rank, env.world_size, False, cfg.train.seed, info
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total = cfg.optim.epochs * self.steps_per_epoch
+        self.max_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        overrides = model_overrides(cfg, self.num_classes)
+        model = create_model(cfg.model.name, cfg.model.official_checkpoint or None, **overrides)
+        self.model_config = dict(model.cfg.__dict__)
+        self.macs, self.num_params = count_macs(model), count_parameters(model)  # before ZeRO-3 partitions it
+        self.engine = build_engine(cfg, model, self.steps_per_epoch, self.env.world_size, self.device)
+        self.ema = None
+        if cfg.optim.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.engine.module, decay=cfg.optim.ema_decay)
+            self.ema.module.float()
+
+    def _resume(self) -> Path | None:
+        """Restore the checkpoint that train.resume names; after a restart by the local launcher
+        (--max-restarts), the run's latest checkpoint instead, where there is one."""
+        restarted = self.checkpoints.latest() if D.restart_count() > 0 else None
+        folder = restarted or checkpoint_to_resume(self.run_dir, self.cfg.train.resume)
+        if folder is not None:
+            self.state, client_state = self.checkpoints.load(self.engine, folder)
+            if self.ema is not None and "ema" in client_state:
+                self.ema.module.load_state_dict(client_state["ema"])
+            s = self.state
+            self.console.say(f"resumed from {folder} (epoch {s.epoch}, batch {s.batch}, step {s.step})")
+        self.checkpoints.clean_staging()
+        return folder
+
+    def _tracker(self) -> Tracker:
+        """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags, config."""
+        cfg = self.cfg
+        spool = self.run_dir / "mlflow_pending.jsonl"
+        if not self.env.is_main:
+            return Tracker(cfg, "", spool)
+        self.state.run_id = run_id_for(cfg, self.state.run_id)
+        tracker = Tracker(cfg, self.state.run_id, spool)
+        if tracker.enabled:
+            tracker.log_config(cfg)
+            dataset_sha = sha256_file(Path(cfg.data.root) / "dataset.json")
+            tags = system_info(self.env.world_size, self.env.num_nodes, dataset_sha)
+            tracker.set_tags({f"sys.{k}": v for k, v in tags.items()})
+            tracker.log_artifact(self.run_dir / "config.yaml")
+        return tracker
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> Result:
+        """Train to the end of the schedule (or train.max_steps), or until a stop is requested."""
+        self._announce()
+        self.engine.train(True)
+        self.windows = {"tracking": Window(), "progress": Window()}
+        self.first_step_logged = False
+        while self.state.epoch < self.cfg.optim.epochs and self.state.step < self.max_steps:
+            self.epoch_loss = Window()
+            for images, labels in self._batches():
+                output = self.train_step(images, labels)
+                self._count(output, images.shape[0] * self.env.world_size)
+                self.checkpoint("every_steps")
+                if D.any_rank(self.stop.requested, self.device):
+                    self.stop.signal = self.stop.signal or "by another rank"
+                    self.console.say(f"stop requested ({self.stop.signal}): checkpointing at step {self.state.step}")
+                    self.checkpoint("stop")
+                    return self._end("stopped")
+                if self.state.step >= self.max_steps:
+                    break
+            if self.state.batch >= self.steps_per_epoch:
+                self._end_epoch()
+            elif self.state.step >= self.max_steps:
+                self.checkpoint("max_steps")
+        return self._end("finished")
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """One optimizer step on a uint8 batch: model input, mixup, micro-batches, backward, step."""
+        inputs = self.train_loader.to_model_input(images.to(self.device, non_blocking=True))
+        targets = labels.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets)
+        accum = self.cfg.optim.grad_accum_steps
+        micro = inputs.shape[0] // accum
+        loss_sum, info = torch.zeros((), device=self.device), None
+        for chunk in range(accum):
+            part = slice(chunk * micro, (chunk + 1) * micro)
+            loss = self.loss(self.engine.forward(inputs[part]), targets[part])
+            self.engine.backward(loss)
+            info = self.engine.step() or info
+            loss_sum += loss.detach()
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step=self.state.step)
+        return StepOutput(loss_sum / accum, info)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against hard labels (with label smoothing) or mixup's soft targets."""
+        if targets.dim() == 2:
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.data.augment.label_smoothing)
+
+    def evaluate(self) -> dict[str, float]:
+        """val/* of the trained weights and, when an EMA is kept, val_ema/* of it (every rank)."""
+        self.engine.train(False)
+        metrics = self._evaluate(self.engine.forward)
+        self.engine.train(True)
+        if self.ema is not None:
+            self.ema.module.eval()
+            ema = self._evaluate(lambda images: self.ema.module(images.float()))
+            metrics.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
+        return metrics
+
+    def _evaluate(self, forward: Any) -> dict[str, float]:
+        loader = self.val_loader
+        batches = self.console.progress(loader.epoch(self.state.epoch), len(loader), "eval")
+        return evaluate(forward, batches, loader.to_model_input, self.device)
+
+    def checkpoint(self, event: str) -> None:
+        """The save policy: every checkpoint.every_steps steps ("every_steps"), and always at an
+        epoch end, at train.max_steps and on a stop request; never twice for one step."""
+        every = self.cfg.checkpoint.every_steps
+        if event == "every_steps" and not (every and self.state.step % every == 0):
+            return
+        if self.saved_step == self.state.step:
+            return
+        extra = {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+        self.checkpoints.save(self.engine, self.state, self.config_yaml, extra)
+        self.saved_step = self.state.step
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Every sink: metrics.jsonl and MLflow on rank 0, and the console's line or bar."""
+        self.sinks.log(metrics, step)
+
+    # -- inside the loop ----------------------------------------------------------------------
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch's batches, timing how long the loop waits for each."""
+        s = self.state
+        batches = self.console.progress(
+            self.train_loader.epoch(s.epoch, s.batch), self.steps_per_epoch - s.batch, f"epoch {s.epoch}"
+        )
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                return
+            for window in self.windows.values():
+                window.data_wait += time.perf_counter() - start
+            yield batch
+
+    def _count(self, output: StepOutput, images: int) -> None:
+        """Advance the position and log: train/* every tracking.log_every steps, progress/*
+        (averaged over the window and the ranks: a collective) every train.log_every steps."""
+        self.state.batch += 1
+        self.state.step += 1
+        step, last = self.state.step, self.state.step == self.max_steps
+        self.epoch_loss.add(output, images)
+        for window in self.windows.values():
+            window.add(output, images)
+        progress = self.windows["progress"]
+        if not self.first_step_logged:  # start-up cost: DeepSpeed's first step, torch.compile's compilation
+            self.first_step_logged = True
+            self.log({"train/first_step_s": progress.elapsed() - progress.data_wait}, step)
+        if step % self.cfg.tracking.log_every == 0 or last:
+            self.log(self._train_metrics(output, self.windows["tracking"]), step)
+            self.windows["tracking"].reset()
+        if step % self.cfg.train.log_every == 0 or last:
+            self.log(self._progress_metrics(progress), step)
+            progress.reset()
+
+    def _train_metrics(self, output: StepOutput, window: Window) -> dict[str, float]:
+        images_per_s = window.images / window.elapsed()
+        info = output.info
+        return {
+            "train/loss": output.loss.item(),
+            "train/lr": info.lr if info else self.engine.lr(),
+            "train/grad_norm": info.grad_norm if info else math.nan,
+            "train/images_per_s": images_per_s,
+            "train/mfu": mfu(images_per_s, self.macs, self.peak_flops, self.env.world_size),
+        }
+
+    def _progress_metrics(self, window: Window) -> dict[str, float]:
+        elapsed, steps = window.elapsed(), max(window.steps, 1)
+        loss_sum = float(window.loss_sum)
+        total_loss, count = D.all_reduce_sum([loss_sum, window.steps], self.device)
+        step_ms, wait_ms, memory = D.all_reduce_max(
+            [1000 * (elapsed - window.data_wait) / steps, 1000 * window.data_wait / steps, peak_memory_mb(self.device)],
+            self.device,
+        )
+        s = self.state
+        return {
+            "progress/loss": total_loss / max(count, 1),
+            "progress/lr": self.engine.lr(),
+            "progress/epoch": s.epoch + s.batch / self.steps_per_epoch,
+            "progress/images_per_s": window.images / elapsed,
+            "progress/data_wait_ms": wait_ms,
+            "progress/step_ms": step_ms,
+            "progress/peak_mem_mb": memory,
+            "progress/eta_s": (self.max_steps - s.step) * elapsed / steps,
+        }
+
+    def _end_epoch(self) -> None:
+        s, cfg = self.state, self.cfg
+        s.epoch, s.batch = s.epoch + 1, 0
+        epoch_loss = float(self.epoch_loss.loss_sum) / max(self.epoch_loss.steps, 1)
+        metrics: dict[str, float] = {"train/epoch_loss": epoch_loss, "epoch": s.epoch}
+        if s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs:
+            metrics.update(self.evaluate())
+            s.best_top1 = max(s.best_top1, metrics["val/top1"])
+            metrics["val/top1_best"] = s.best_top1
+        self.last_metrics = metrics
+        self.log(metrics, s.step)
+        self.checkpoint("epoch_end")
+
+    # -- start and end ------------------------------------------------------------------------
+    def _announce(self) -> None:
+        cfg, e = self.cfg, self.cfg.engine
+        self.console.say(
+            f"run {cfg.train.name}: {cfg.model.name} ({self.num_params / 1e6:.2f} M params, "
+            f"{self.macs / 1e9:.2f} GMAC/image), {self.env.world_size} ranks x batch {cfg.data.batch_size}, "
+            f"{self.steps_per_epoch} steps/epoch, {e.backend} ZeRO-{e.zero_stage} {e.precision}"
+            f"{', compiled' if e.compile else ''}, MLflow run {self.state.run_id or 'off'}; output in {self.run_dir}"
+        )
+
+    def evaluate_only(self) -> Result:
+        """train.eval_only: the metrics of the resumed (or initial) weights, logged; no training."""
+        metrics = self.evaluate()
+        self.console.say(metrics_line(metrics))
+        self.log(metrics, self.state.step)
+        self.sinks.tracker.finish()
+        s = self.state
+        return Result("finished", s.epoch, s.step, metrics, str(self.resumed_from or ""), s.run_id, str(self.run_dir))
+
+    def _end(self, status: str) -> Result:
+        checkpoint = str(self.checkpoints.latest() or "")
+        if status == "finished":
+            if "val/top1" not in self.last_metrics:  # stopped by train.max_steps between evaluations
+                final = self.evaluate()
+                self.last_metrics.update(final)
+                self.log(final, self.state.step)
+            self._export()
+            self.console.say(
+                f"done: {metrics_line(self.last_metrics)}; checkpoint {checkpoint}; weights {self.run_dir / 'model.pt'}"
+            )
+        self.sinks.tracker.finish("FINISHED" if status == "finished" else "KILLED")
+        s = self.state
+        return Result(
+            status, s.epoch, s.step, self.last_metrics, checkpoint, s.run_id, str(self.run_dir), self.stop.signal
+        )
+
+    def _export(self) -> None:
+        """model.pt (fp32), model_ema.pt, final_metrics.txt and, if asked, a registered model."""
+        full = self.engine.full_state_dict()  # a collective under ZeRO-3
+        if not (self.env.is_main and self.cfg.checkpoint.export_at_end and full is not None):
+            return
+        tracker = self.sinks.tracker
+        files = {"model.pt": full}
+        if self.ema is not None:
+            files["model_ema.pt"] = {k: v.detach().float().cpu() for k, v in self.ema.module.state_dict().items()}
+        for name, state_dict in files.items():
+            save_model_file(self.run_dir / name, self.model_config, state_dict)
+            tracker.log_artifact(self.run_dir / name)
+        final = self.run_dir / "final_metrics.txt"
+        atomic_write_text(final, "".join(f"{k} {v}\n" for k, v in sorted(self.last_metrics.items())))
+        tracker.log_artifact(final)
+        if self.cfg.tracking.register_model:
+            model = LSA(LSAConfig(**self.model_config))
+            model.load_state_dict(full)
+            tracker.log_model(model, "model", self.cfg.tracking.register_model)
