@@ -22,10 +22,10 @@ from PIL import Image
 from lsa_dist.config import AugmentConfig, DataConfig
 from lsa_dist.data import PAD_LABEL, DatasetError, build_loader, load_dataset_info
 from lsa_dist.data.convert import ConversionError, ConvertOptions, convert, summary
-from lsa_dist.data.dataset import sha256_file
 from lsa_dist.data.imagenet import SourceError
 from lsa_dist.data.transforms import build_mixup, sample_transform
 from lsa_dist.data.wds import read_labels
+from lsa_dist.fs import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

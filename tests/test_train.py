@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from helpers import local_command
 
 from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file
-from lsa_dist.config import ConfigError, load_config
+from lsa_dist.engine import cpu_has_fp16
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -62,10 +63,15 @@ def test_every_zero_stage_and_precision_trains_and_matches_stage_0(demo_shards: 
             assert curves[stage][step] == pytest.approx(loss, rel=2e-4, abs=1e-5), (stage, step)
     # fp16 with dynamic loss scaling, and ZeRO-Offload (optimizer state and step on the CPU,
     # DeepSpeed's compiled CPU Adam) follow the same curve
-    for name, overrides, rel in (
-        ("fp16", ("engine.zero_stage=2", "engine.precision=fp16"), 1e-3),
-        ("offload", ("engine.zero_stage=2", "engine.precision=fp32", "engine.offload_optimizer=true"), 2e-4),
-    ):
+    cases = [("offload", ("engine.zero_stage=2", "engine.precision=fp32", "engine.offload_optimizer=true"), 2e-4)]
+    fp16 = ("engine.zero_stage=2", "engine.precision=fp16")
+    if cpu_has_fp16():
+        cases.append(("fp16", fp16, 1e-3))
+    else:  # refused before any process starts, naming the key
+        proc = run_local(tmp_path, "fp16", demo_shards, *fp16, "train.max_steps=12")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: engine.precision: fp16 needs a GPU or a CPU")
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "fp16").exists()
+    for name, overrides, rel in cases:
         assert_ok(run_local(tmp_path, name, demo_shards, *overrides, "train.max_steps=12"))
         curve = losses(tmp_path / name)
         assert sorted(curve) == sorted(curves[0]), name
@@ -103,6 +109,21 @@ def test_activation_checkpointing_gives_the_same_losses(demo_shards: Path, tmp_p
     assert losses(tmp_path / "every2") == losses(tmp_path / "bf16")
 
 
+@pytest.mark.parametrize("engine", ["deepspeed", "fairscale"])
+def test_compiled_model_trains_like_the_eager_one(demo_shards: Path, tmp_path: Path, engine: str) -> None:
+    """engine.compile=true (torch.compile, inductor) with activation checkpointing of every block:
+    the same losses as eager, within float32 rounding of reordered kernels."""
+    common = (f"engine.backend={engine}", "engine.zero_stage=1", "engine.precision=fp32")
+    common += ("engine.activation_checkpointing=all", "train.max_steps=6")
+    assert_ok(run_local(tmp_path, "eager", demo_shards, *common))
+    proc = run_local(tmp_path, "compiled", demo_shards, *common, "engine.compile=true")
+    assert_ok(proc)
+    assert f"{engine} ZeRO-1 fp32, compiled" in proc.stdout
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(compiled) == list(range(1, 7))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "engine",
     [
@@ -137,16 +158,32 @@ def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tup
         assert evals and all(0 <= r["val_ema/top1"] <= 100 and "val_ema/loss" in r for r in evals)
 
 
-def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path) -> None:
-    """SIGINT to the launcher mid-epoch: workers checkpoint and stop; the same command finishes."""
-    args = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2")
-    assert_ok(run_local(tmp_path, "straight", demo_shards, *args))
-    cmd = local_command(tmp_path, "interrupted", demo_shards, "tracking.enabled=false", *args)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "interrupted" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 30):
+INTERRUPTED = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final weights of the run the interrupted ones must reproduce."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    assert_ok(run_local(tmp, "straight", demo_shards, *INTERRUPTED))
+    return weights(tmp / "straight")
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until metrics.jsonl shows `step` (training is under way, past start-up)."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
         time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {run_dir}")
+
+
+def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, uninterrupted: dict) -> None:
+    """SIGINT to the launcher mid-epoch: workers checkpoint and stop; the same command finishes."""
+    cmd = local_command(tmp_path, "interrupted", demo_shards, "tracking.enabled=false", *INTERRUPTED)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path / "interrupted", 30, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]
@@ -155,8 +192,56 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path) 
     step = json.loads((latest / "meta.json").read_text())["step"]
     assert 30 <= step < 88 and step % 44 != 0, step  # mid-epoch
     assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    resumed = weights(tmp_path / "interrupted")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+PROGRESS_LINE = re.compile(
+    r"^step (\d+)/88  epoch (\d+\.\d\d)  loss (\d+\.\d{4})  lr (\S+)  (\S+) img/s  data (\S+) ms  "
+    r"step (\S+) ms  mem (\d+) MB  eta (\d+:\d\d:\d\d)$",
+    re.MULTILINE,
+)
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
+    demo_shards: Path, tmp_path: Path, uninterrupted: dict
+) -> None:
+    """--max-restarts: a worker SIGKILLed mid-epoch; all workers restart from the last checkpoint
+    and the run ends as if nothing had happened. Its output, piped, has plain progress lines."""
+    cmd = local_command(
+        tmp_path, "restarted", demo_shards, "tracking.enabled=false", *INTERRUPTED, "checkpoint.every_steps=10"
+    )
+    cmd += ["--max-restarts", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "restarted", 25, proc)
+    subprocess.run(["pkill", "-9", "-f", "-n", f"{tmp_path / 'restarted'}/launch_config.yaml"], check=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert re.search(r"rank \d failed \(signal 9\); restarting the workers from the last checkpoint \(1 of 2\)", err)
+    assert re.search(r"resumed from \S+/step-000000(20|30) ", out), out[-3000:]
+    assert "after 1 restart(s)" in out
+    resumed = weights(tmp_path / "restarted")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    lines = PROGRESS_LINE.findall(out)  # train.log_every=10 (the default): steps 10, 20, ..., 80 and 88
+    assert {int(m[0]) for m in lines} >= {10, 20, 40, 50, 60, 70, 80, 88}, out[-3000:]
+    for step, epoch, loss, lr, rate, wait, step_ms, mem, _eta in lines:
+        assert 0 < float(loss) < 5 and 0 < float(lr) < 1 and float(rate) > 0 and float(step_ms) > 0
+        assert float(wait) >= 0 and int(mem) > 100 and abs(float(epoch) - int(step) / 44) < 0.01
+    assert lines[-1][-1] == "0:00:00"
+
+
+def test_a_bad_checkpoint_is_not_retried(demo_shards: Path, tmp_path: Path) -> None:
+    """A worker's bad-input error (a corrupt checkpoint) ends the job at once, even with restarts
+    left: a restart would meet the same file."""
+    assert_ok(run_local(tmp_path, "corrupt", demo_shards, "train.max_steps=4"))
+    latest = CheckpointManager(tmp_path / "corrupt" / "checkpoints", 3, 0).latest()
+    states = next(latest.glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    cmd = local_command(tmp_path, "corrupt", demo_shards, "tracking.enabled=false", "train.max_steps=8")
+    proc = subprocess.run([*cmd, "--max-restarts", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot load checkpoint" in proc.stdout + proc.stderr
+    assert "restarting" not in proc.stderr and "failed (exit code 2)" in proc.stderr
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(demo_shards: Path, tmp_path: Path) -> None:
@@ -260,12 +345,3 @@ def test_a_crashing_worker_ends_the_job_with_its_error(demo_shards: Path, tmp_pa
     assert proc.returncode == 1
     assert time.time() - start < 60
     assert "failed (signal 9)" in err
-
-
-def test_config_overrides_and_saved_config(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=1e-3", "data.batch_size=8"])
-    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 8 and cfg.engine.zero_stage == 2
-    with pytest.raises(ConfigError, match="model.options.heads: stage 0: width 64 is not divisible by 3 heads"):
-        load_config(ROOT / "configs" / "demo.yaml", ["model.options.heads=[3,3,3]"])
-    with pytest.raises(ConfigError, match="config file .* does not exist"):
-        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,122 @@
+"""The checkpoint manager on a real DeepSpeed engine in this process (one rank, gloo): saving,
+keeping the last K, finding the latest complete one, resuming, and the checks made before a
+launch. Seconds, where the end-to-end resume tests take minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lsa_dist.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    check_resumable,
+    export_fp32,
+    read_meta,
+)
+from lsa_dist.config import load_config
+from lsa_dist.dist import free_port
+from lsa_dist.engine import build_engine
+from lsa_dist.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.options.widths=[16,16]", "model.options.heads=[2,2]", "model.options.depths=[1,1]"]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo process group for this module; the environment is restored after it."""
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def make_engine(seed: int):  # noqa: ANN201
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, "engine.zero_stage=1", "engine.precision=fp32"])
+    torch.manual_seed(seed)
+    model = create_model(cfg.model.name, **{**cfg.model.options, "num_classes": 10})
+    return build_engine(cfg, model, steps_per_epoch=10, world_size=1, device=torch.device("cpu"))
+
+
+def train_one_step(engine) -> None:  # noqa: ANN001
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    engine.backward(torch.nn.functional.cross_entropy(engine.forward(images), labels))
+    engine.step()
+
+
+def test_saves_keep_the_last_k_and_latest_points_at_the_newest(process_group, tmp_path: Path) -> None:
+    engine = make_engine(0)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2, rank=0)
+    for step in range(1, 5):
+        train_one_step(engine)
+        folder = manager.save(engine, TrainState(step=step, batch=step, run_id="run-1", zero_stage=1), "model: {}\n")
+        assert folder.name == f"step-{step:08d}"
+    assert [p.name for p in manager.complete()] == ["step-00000003", "step-00000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert manager.latest() == tmp_path / "checkpoints" / "step-00000004"
+    assert not list((tmp_path / "checkpoints").glob(".staging/step-*"))  # nothing half-written left
+    meta = read_meta(manager.latest())
+    assert meta["step"] == 4 and meta["world_size"] == 1 and meta["run_id"] == "run-1" and meta["zero_stage"] == 1
+    assert (manager.latest() / "rng" / "rank0.pt").is_file() and (manager.latest() / "config.yaml").is_file()
+
+
+def test_load_restores_weights_position_and_random_state(process_group, tmp_path: Path) -> None:
+    engine = make_engine(0)
+    train_one_step(engine)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3, rank=0)
+    folder = manager.save(engine, TrainState(epoch=2, batch=7, step=27, best_top1=41.5), "", {"ema": {"x": 1}})
+    after_save = torch.rand(4)  # the draws a resumed run must repeat
+    saved = engine.full_state_dict()
+
+    other = make_engine(1)
+    assert any(not torch.equal(saved[k], v) for k, v in other.full_state_dict().items())
+    state, client_state = manager.load(other, folder)
+    assert (state.epoch, state.batch, state.step, state.best_top1) == (2, 7, 27, 41.5)
+    assert client_state["ema"] == {"x": 1}
+    assert all(torch.equal(saved[k], v) for k, v in other.full_state_dict().items())
+    assert torch.equal(torch.rand(4), after_save)
+    exported, meta = export_fp32(folder)  # without DeepSpeed's engine: the plain model's weights
+    assert meta["step"] == 27 and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_incomplete_and_staged_checkpoints_are_ignored_then_cleared(process_group, tmp_path: Path) -> None:
+    engine = make_engine(0)
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root, keep_last=3, rank=0)
+    manager.save(engine, TrainState(step=5), "")
+    (root / "step-00000009").mkdir()  # a newer folder without meta.json: not complete
+    (root / ".staging" / "step-00000010").mkdir(parents=True)  # a save cut short
+    (root / "latest").write_text("step-00000009")
+    assert manager.latest() == root / "step-00000005"
+    manager.clean_staging()
+    assert not (root / ".staging").exists()
+
+
+def test_checks_before_a_launch(process_group, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert check_resumable(run, "auto", 2) == ""  # nothing to resume: a new run
+    manager = CheckpointManager(run / "checkpoints", keep_last=3, rank=0)
+    folder = manager.save(make_engine(0), TrainState(step=3, run_id="abc"), "")
+    assert check_resumable(run, "auto", 1) == "abc"  # continues its MLflow run
+    assert check_resumable(run, "never", 4) == ""
+    assert check_resumable(run, str(folder), 1) == ""  # an explicit checkpoint starts a new MLflow run
+    with pytest.raises(CheckpointError, match=r"was written by 1 ranks, this run has 4"):
+        check_resumable(run, "auto", 4)
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(run, str(folder), 1)
+    assert "meta.json is corrupt" in str(err.value) and "\n" not in str(err.value)
+    (folder / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
+        read_meta(folder)
+    assert json.loads((run / "checkpoints" / "latest").read_text().join('""')) == "step-00000003"

@@ -1,0 +1,71 @@
+"""The config schema: every shipped config loads, overrides are typed, bad input is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lsa_dist.config import ConfigError, RunConfig, flatten, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_survives_a_yaml_round_trip(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.train.name
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved) == cfg  # what checkpoints and SLURM jobs read back is the same run
+
+
+def test_overrides_are_typed_and_win_over_the_file() -> None:
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=1e-3", "data.batch_size=8", "engine.compile=true"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 8 and cfg.engine.compile is True
+    assert cfg.engine.zero_stage == 2  # from the file
+    cfg = load_config(None, ["model.options.widths=[16,16]", "model.options.heads=[2,2]", "model.options.depths=[1,1]"])
+    assert cfg.train.name == "run" and cfg.model.options["widths"] == [16, 16]
+    assert load_config(ROOT / "configs" / "lsa_tiny.yaml").train.name == "lsa_tiny"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=0.1"], "optim.lrr: unknown key (Key 'lrr' not in 'OptimConfig'. Did you mean: 'lr'?)"),
+        (["data.batch_size=many"], "data.batch_size: Value 'many' of type 'str' could not be converted to Integer"),
+        (["optim.lr"], "override 'optim.lr' is not of the form key=value"),
+        (["engine.precision=fp8"], "engine.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
+        (["engine.zero_stage=4"], "engine.zero_stage: must be 0, 1, 2 or 3, got 4"),
+        (["engine.backend=fairscale", "engine.zero_stage=3"], "engine.zero_stage: 3 needs engine.backend=deepspeed"),
+        (["data.batch_size=10", "optim.grad_accum_steps=4"], "data.batch_size: 10 is not divisible by"),
+        (["launch.max_restarts=-1"], "launch.max_restarts: must be >= 0, got -1"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be at least 1"),
+        (["optim.ema_decay=0.9", "engine.zero_stage=3"], "optim.ema_decay: EMA needs whole parameters"),
+        (["train.resume=/nowhere/step-1"], "train.resume: '/nowhere/step-1' is neither auto, never"),
+        (["model.options.heads=[3,3,3]"], "model.options.heads: stage 0: width 64 is not divisible by 3 heads"),
+        (["data.image_size=64"], "data.image_size: 64 but model lsa_cifar_tiny takes 32 px images"),
+    ],
+)
+def test_a_bad_config_is_one_line_naming_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", overrides)
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text
+
+
+def test_missing_or_broken_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file .* does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_flatten_gives_one_param_per_leaf_key() -> None:
+    flat = flatten(RunConfig())
+    assert flat["optim.lr"] == 5e-4 and flat["launch.slurm.partition"] == ""
+    assert "engine.compile" in flat and "train.log_every" in flat
+    assert not any(isinstance(v, dict) and v for v in flat.values())

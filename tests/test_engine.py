@@ -1,0 +1,88 @@
+"""The engine's pure parts: the lr schedule, optimizer groups, DeepSpeed's config, and the
+precision check made before any process starts (in seconds, no process group)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsa_dist.config import ConfigError, load_config
+from lsa_dist.engine import check_precision, checkpointed_blocks, deepspeed_config, lr_lambda, param_groups, peak_lr
+from lsa_dist.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def schedule_cfg(*overrides: str):  # noqa: ANN201
+    base = ["optim.lr=1e-3", "optim.lr_batch=0", "optim.warmup_lr=1e-5", "optim.min_lr=1e-6"]
+    return load_config(ROOT / "configs" / "demo.yaml", [*base, "optim.epochs=10", "optim.warmup_epochs=2", *overrides])
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None:
+    cfg = schedule_cfg()
+    steps_per_epoch, peak = 100, 1e-3
+    factor = lr_lambda(cfg, steps_per_epoch, world_size=2)
+    lr = [peak * factor(step) for step in range(1001)]
+    assert lr[0] == pytest.approx(1e-5)
+    assert lr[100] == pytest.approx(1e-5 + (peak - 1e-5) / 2)  # half way through the 200-step warmup
+    assert lr[200] == pytest.approx(peak)
+    assert all(a <= b for a, b in zip(lr[:200], lr[1:201]))  # rising during warmup
+    assert all(a >= b for a, b in zip(lr[200:], lr[201:]))  # falling after it
+    assert lr[600] == pytest.approx(1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr[1000] == pytest.approx(1e-6)
+    assert peak * factor(5000) == pytest.approx(1e-6)  # past the end: stays at the floor
+
+
+def test_peak_lr_scales_with_the_global_batch() -> None:
+    cfg = schedule_cfg("optim.lr=5e-4", "optim.lr_batch=512", "data.batch_size=64")
+    assert peak_lr(cfg, world_size=8) == pytest.approx(5e-4)  # 8 x 64 = 512
+    assert peak_lr(cfg, world_size=32) == pytest.approx(2e-3)
+    assert peak_lr(schedule_cfg("optim.lr_batch=0"), world_size=32) == pytest.approx(1e-3)  # as is
+
+
+def test_no_weight_decay_on_norms_biases_and_positional_tables() -> None:
+    model = create_model("lsa_cifar_tiny", widths=[16, 16], heads=[2, 2], depths=[1, 1])
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith("pos_embed") for n in skipped) and any(n.endswith(".bias") for n in skipped)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_activation_checkpointing_policies_pick_blocks() -> None:
+    model = create_model("lsa_cifar_tiny", widths=[16, 16], heads=[2, 2], depths=[3, 2])
+    names = [n for n, _ in model.blocks()]
+    assert checkpointed_blocks(model, "none", 2) == []
+    assert checkpointed_blocks(model, "all", 2) == names
+    assert checkpointed_blocks(model, "every_k", 2) == names[::2]
+
+
+def test_deepspeed_config_follows_the_run_config() -> None:
+    cfg = schedule_cfg("data.batch_size=32", "optim.grad_accum_steps=4", "engine.zero_stage=3", "engine.precision=fp16")
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 8 * 4 * 8
+    assert ds["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in ds["zero_optimization"]
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and "optimizer" not in ds
+    offload = deepspeed_config(schedule_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offload["optimizer"]["type"] == "AdamW"
+
+
+def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_precision("bf16", "cpu")
+    check_precision("fp32", "cpu")
+
+    def no_fp16() -> bool:
+        return False
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", no_fp16)
+    with pytest.raises(ConfigError) as err:
+        check_precision("fp16", "cpu")
+    assert str(err.value).startswith("engine.precision: fp16 needs a GPU or a CPU with AVX-512 FP16")
+    check_precision("bf16", "cpu")  # the others stay allowed

@@ -1,0 +1,107 @@
+"""Metrics and where they go: accuracy with padding, evaluation, MFU's peak, the console's
+progress line, metrics.jsonl (seconds, in this process)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsa_dist.metrics import accuracy_counts, evaluate, mfu, peak_flops
+from lsa_dist.sinks import Console, MetricsFile, Sinks, format_duration, interactive, metrics_line, progress_line
+from lsa_dist.tracking import Tracker
+
+PROGRESS = {
+    "progress/loss": 1.23456,
+    "progress/lr": 0.0012,
+    "progress/epoch": 2.5,
+    "progress/images_per_s": 812.3,
+    "progress/data_wait_ms": 3.21,
+    "progress/step_ms": 78.9,
+    "progress/peak_mem_mb": 1234.0,
+    "progress/eta_s": 3725.0,
+}
+
+
+def test_accuracy_counts_leave_padding_out() -> None:
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 1, 0, 0, 0], [1, 2, 3, 4, -9.0, 5], [9.0, 0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 2, 4, -1])  # the last is evaluation padding
+    loss, top1, top5, count = accuracy_counts(logits, labels)
+    assert (top1, top5, count) == (1, 2, 3)  # label 2 is 2nd in row 1; label 4 last in row 2
+    expected = torch.nn.functional.cross_entropy(logits[:3], labels[:3], reduction="sum").item()
+    assert loss == pytest.approx(expected)
+    assert accuracy_counts(logits[3:], labels[3:]) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_evaluate_sums_batches_without_a_process_group() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3 * 2 * 2)
+    batches = [
+        (torch.randint(0, 255, (5, 3, 2, 2), dtype=torch.uint8), torch.tensor([0, 1, 2, 3, -1])) for _ in range(3)
+    ]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ weight.T
+
+    def to_input(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+    metrics = evaluate(forward, batches, to_input, torch.device("cpu"))
+    sums = [accuracy_counts(forward(to_input(x)), y) for x, y in batches]
+    assert metrics["val/images"] == 12
+    assert metrics["val/top1"] == pytest.approx(100 * sum(s[1] for s in sums) / 12)
+    assert metrics["val/loss"] == pytest.approx(sum(s[0] for s in sums) / 12)
+
+
+def test_peak_flops_draws_no_random_numbers() -> None:
+    """Measured after a resume restored the RNG: a draw here would change every later one."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert peak_flops(torch.device("cpu"), torch.float32) > 1e8
+    assert torch.equal(torch.get_rng_state(), before)
+    assert mfu(100.0, 1e9, 1e12, 2) == pytest.approx(100 * 6e9 / 2e12)
+
+
+def test_progress_line_has_every_field() -> None:
+    line = progress_line(PROGRESS, 120, 1100)
+    assert line == (
+        "step 120/1100  epoch 2.50  loss 1.2346  lr 1.200e-03  812.3 img/s  data 3.2 ms  step 78.9 ms  "
+        "mem 1234 MB  eta 1:02:05"
+    )
+    assert format_duration(0) == "0:00:00" and format_duration(-5) == "0:00:00" and format_duration(86399) == "23:59:59"
+
+
+def test_console_prints_progress_lines_when_not_a_terminal(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LSA_PROGRESS", "0")
+    assert not interactive()
+    console = Console(enabled=True, epochs=5, total_steps=1100)
+    console.show(PROGRESS, 120)
+    console.show({"train/loss": 2.0, "train/lr": 0.1}, 121)  # per-step metrics: files and MLflow only
+    console.show({"epoch": 3, "train/epoch_loss": 1.5, "val/top1": 75.0, "val/loss": 0.9}, 330)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 120/1100  epoch 2.50")
+    assert lines[1] == "epoch 3/5 step 330  train/epoch_loss 1.5000  val/loss 0.9000  val/top1 75.00%"
+    Console(enabled=False, epochs=5, total_steps=1100).show(PROGRESS, 120)  # other ranks say nothing
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("LSA_PROGRESS", "1")
+    assert interactive()
+
+
+def test_one_log_call_feeds_the_file_and_the_console(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LSA_PROGRESS", "0")
+    from lsa_dist.config import RunConfig
+
+    sinks = Sinks(
+        MetricsFile(tmp_path / "metrics.jsonl", True),
+        Tracker(RunConfig(), "", tmp_path / "spool"),
+        Console(True, 2, 50),
+    )
+    sinks.log(PROGRESS, 10)
+    sinks.log({"train/loss": 2.5}, 11)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 11] and rows[1]["train/loss"] == 2.5 and rows[0]["progress/loss"] > 1
+    assert re.match(r"step 10/50  epoch 2\.50  loss 1\.2346", capsys.readouterr().out)
+    assert metrics_line({"val/top5": 99.5, "other": 1}) == "val/top5 99.50%"
