@@ -10,7 +10,7 @@ import math
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ class StepInfo:
     grad_norm: float
 
 
+@runtime_checkable
 class Engine(Protocol):
     """The contract between a training engine and the trainer / checkpointing."""
 

@@ -131,6 +131,9 @@ class Trainer:
         self.peak_flops = cfg.engine.peak_tflops * 1e12 or peak_flops(self.device, dtype)
         self.last_metrics: dict[str, float] = {}
         self.saved_step = -1
+        self.windows = {"tracking": Window(), "progress": Window()}  # of logging: MLflow's and the console's
+        self.epoch_loss = Window()
+        self.first_step_logged = False
 
     # -- building -----------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -200,10 +203,10 @@ class Trainer:
         """Train to the end of the schedule (or train.max_steps), or until a stop is requested."""
         self._announce()
         self.engine.train(True)
-        self.windows = {"tracking": Window(), "progress": Window()}
-        self.first_step_logged = False
+        for window in self.windows.values():
+            window.reset()
         while self.state.epoch < self.cfg.optim.epochs and self.state.step < self.max_steps:
-            self.epoch_loss = Window()
+            self.epoch_loss.reset()
             for images, labels in self._batches():
                 output = self.train_step(images, labels)
                 self._count(output, images.shape[0] * self.env.world_size)

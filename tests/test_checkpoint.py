@@ -22,7 +22,7 @@ from lsa_dist.checkpoint import (
 )
 from lsa_dist.config import load_config
 from lsa_dist.dist import free_port
-from lsa_dist.engine import build_engine
+from lsa_dist.engine import Engine, build_engine
 from lsa_dist.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,9 @@ def process_group():
     os.environ.update(saved)
 
 
-def make_engine(seed: int):  # noqa: ANN201
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, "engine.zero_stage=1", "engine.precision=fp32"])
+def make_engine(seed: int, backend: str = "deepspeed") -> Engine:
+    overrides = [*TINY, f"engine.backend={backend}", "engine.zero_stage=1", "engine.precision=fp32"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, **{**cfg.model.options, "num_classes": 10})
     return build_engine(cfg, model, steps_per_epoch=10, world_size=1, device=torch.device("cpu"))
@@ -70,15 +71,18 @@ def test_saves_keep_the_last_k_and_latest_points_at_the_newest(process_group, tm
     assert (manager.latest() / "rng" / "rank0.pt").is_file() and (manager.latest() / "config.yaml").is_file()
 
 
-def test_load_restores_weights_position_and_random_state(process_group, tmp_path: Path) -> None:
-    engine = make_engine(0)
+@pytest.mark.parametrize("backend", ["deepspeed", "fairscale"])
+def test_load_restores_weights_position_and_random_state(process_group, tmp_path: Path, backend: str) -> None:
+    engine = make_engine(0, backend)
+    assert isinstance(engine, Engine)  # the contract the trainer and the manager rely on
     train_one_step(engine)
     manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3, rank=0)
-    folder = manager.save(engine, TrainState(epoch=2, batch=7, step=27, best_top1=41.5), "", {"ema": {"x": 1}})
+    state = TrainState(epoch=2, batch=7, step=27, best_top1=41.5, backend=backend, zero_stage=1)
+    folder = manager.save(engine, state, "", {"ema": {"x": 1}})
     after_save = torch.rand(4)  # the draws a resumed run must repeat
     saved = engine.full_state_dict()
 
-    other = make_engine(1)
+    other = make_engine(1, backend)
     assert any(not torch.equal(saved[k], v) for k, v in other.full_state_dict().items())
     state, client_state = manager.load(other, folder)
     assert (state.epoch, state.batch, state.step, state.best_top1) == (2, 7, 27, 41.5)
