@@ -17,7 +17,7 @@ import torch
 from .checkpoint import CheckpointError, check_resumable
 from .config import ConfigError, RunConfig, load_config, to_yaml
 from .data import DatasetError, load_dataset_info
-from .engine import check_precision
+from .dist import check_precision
 from .fs import atomic_write_text
 from .tracking import prepare
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -72,6 +74,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """ConfigError unless this machine's device can train in `precision`: fp16 on a CPU needs
+    AVX-512 FP16 or AMX-FP16 (DeepSpeed's CPU accelerator refuses it otherwise), bf16 on a GPU
+    needs compute capability 8.0 or newer."""
+    if device_type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"engine.precision: bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or fp32"
+        )
+    if device_type == "cpu" and precision == "fp16" and not cpu_has_fp16():
+        raise ConfigError(
+            "engine.precision: fp16 needs a GPU or a CPU with AVX-512 FP16 / AMX-FP16, which this one lacks; "
+            "use bf16 or fp32"
+        )
+
+
+def cpu_has_fp16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def init(env: DistEnv, timeout_s: int = 600) -> torch.device:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .dist import check_precision
 from .models import LSA
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,28 +63,6 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's fp32 weights on rank 0 (collective under ZeRO-3), None elsewhere."""
         ...
-
-
-def check_precision(precision: str, device_type: str) -> None:
-    """ConfigError unless this machine's device can train in `precision`: fp16 on a CPU needs
-    AVX-512 FP16 or AMX-FP16 (DeepSpeed's CPU accelerator refuses it otherwise), bf16 on a GPU
-    needs compute capability 8.0 or newer."""
-    if device_type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            f"engine.precision: bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or fp32"
-        )
-    if device_type == "cpu" and precision == "fp16" and not cpu_has_fp16():
-        raise ConfigError(
-            "engine.precision: fp16 needs a GPU or a CPU with AVX-512 FP16 / AMX-FP16, which this one lacks; "
-            "use bf16 or fp32"
-        )
-
-
-def cpu_has_fp16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def peak_lr(cfg: RunConfig, world_size: int) -> float:

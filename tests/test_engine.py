@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lsa_dist.config import ConfigError, load_config
-from lsa_dist.engine import check_precision, checkpointed_blocks, deepspeed_config, lr_lambda, param_groups, peak_lr
+from lsa_dist.dist import check_precision
+from lsa_dist.engine import checkpointed_blocks, deepspeed_config, lr_lambda, param_groups, peak_lr
 from lsa_dist.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
