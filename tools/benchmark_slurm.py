@@ -9,7 +9,6 @@ imports, process group, data, model, DeepSpeed engine).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +18,9 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lsa_dist import cli  # noqa: E402
 
 
 def sacct_start(job_id: str) -> float:
@@ -27,13 +29,16 @@ def sacct_start(job_id: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser = cli.config_parser(__doc__, config_required=False)
+    parser.set_defaults(config=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    try:  # once here, not as a failed job per repeat
+        cli.load(args)
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lsa-bench-slurm-") as tmp:
         for i in range(args.repeats):
