@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gc
 from pathlib import Path
 
 from lsa_dist.config import RunConfig, flatten
@@ -15,6 +16,37 @@ from lsa_dist.config import RunConfig, flatten
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "lsa_dist").rglob("*.py"), *(ROOT / "launch").glob("*.py")])
 MAX_FUNCTION_LINES = 60
+SAMPLE = """
+def build(cfg: RunConfig) -> None:
+    aug = cfg.data.augment
+    run(aug.hflip, cfg.engine.zero_stage)
+
+class Loader:
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+
+    def go(self) -> None:
+        print(self.cfg.batch_size)
+"""
+
+
+def parse_sources() -> tuple[dict[Path, ast.Module], ast.Module]:
+    """Parse every source (and the scan's sample) once, at collection, with the garbage collector paused.
+
+    CPython 3.11's AST builder keeps its recursion depth in per-interpreter state: a collection
+    that runs finalizers mid-build, or another thread (earlier tests leave compile and tracking
+    threads behind) parsing at the same time, makes it fail with "AST constructor recursion depth
+    mismatch". Parsing here, before any test has run, with gc off, rules both out.
+    """
+    gc.disable()
+    try:
+        sources = {path: ast.parse(path.read_text(), filename=str(path)) for path in SOURCES}
+        return sources, ast.parse(SAMPLE)
+    finally:
+        gc.enable()
+
+
+TREES, SAMPLE_TREE = parse_sources()
 
 
 def section_classes() -> dict[str, str]:
@@ -106,9 +138,9 @@ class KeyReads(ast.NodeVisitor):
 def test_every_config_key_is_read_by_the_code() -> None:
     sections = section_classes()
     reads: set[str] = set()
-    for path in SOURCES:
+    for tree in TREES.values():
         visitor = KeyReads(sections)
-        visitor.visit(ast.parse(path.read_text()))
+        visitor.visit(tree)
         reads |= visitor.reads
     keys = set(flatten(RunConfig()))
     unread = sorted(k for k in keys if k not in reads)
@@ -116,28 +148,16 @@ def test_every_config_key_is_read_by_the_code() -> None:
 
 
 def test_the_key_scan_sees_a_key_that_is_read_and_misses_one_that_is_not() -> None:
-    code = """
-def build(cfg: RunConfig) -> None:
-    aug = cfg.data.augment
-    run(aug.hflip, cfg.engine.zero_stage)
-
-class Loader:
-    def __init__(self, cfg: DataConfig) -> None:
-        self.cfg = cfg
-
-    def go(self) -> None:
-        print(self.cfg.batch_size)
-"""
     visitor = KeyReads(section_classes())
-    visitor.visit(ast.parse(code))
+    visitor.visit(SAMPLE_TREE)
     assert visitor.reads >= {"data.augment.hflip", "engine.zero_stage", "data.batch_size"}
     assert "engine.compile" not in visitor.reads
 
 
 def test_no_function_in_the_library_or_launchers_is_longer_than_a_screen() -> None:
     long = []
-    for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text())):
+    for path, tree in TREES.items():
+        for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:

@@ -136,7 +136,8 @@ def test_multi_node_job_matches_the_local_run(
     print(f"{nodes} nodes x {tasks} tasks: submission to first step {rows[0]['time'] - start:.1f} s")
 
 
-LONG = ("optim.epochs=6", "checkpoint.every_steps=0")
+LONG_EPOCHS = 4  # 176 steps: more than one 2-minute allocation holds (see the time-limit test)
+LONG = (f"optim.epochs={LONG_EPOCHS}", "checkpoint.every_steps=0")
 LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: an urgent job must preempt
 
 
@@ -217,13 +218,13 @@ def test_preemption_checkpoints_requeues_and_finishes_identically(
     from mlflow import MlflowClient
 
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(runs[0].info.run_id, "train/loss")
-    assert max(m.step for m in history) == 6 * (1438 // 32)
+    assert max(m.step for m in history) == LONG_EPOCHS * (1438 // 32)
 
 
 def test_time_limit_checkpoints_requeues_and_finishes_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
-    # a 2-minute limit, USR2 60 s before it: the 6 epochs take more than one allocation
+    # a 2-minute limit, USR2 60 s before it: the long job takes more than one allocation
     proc = slurm(
         cluster, tmp_path, "timed", demo_shards, *LONG_FLAGS, "--time", "2", "--signal-delay", "60", *LONG, timeout=1500
     )
