@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lsa_dist import cli  # noqa: E402
+from lsa_dist import dist as D  # noqa: E402
 from lsa_dist.config import RunConfig  # noqa: E402
 from lsa_dist.elastic import Echo, Outcome, WorkerExit, run_workers, tail  # noqa: E402
-from lsa_dist.tracking import RUN_ID_ENV, tracking_uri  # noqa: E402
+from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
+from lsa_dist.tracking import RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
 
 
 def worker_environment(nproc: int, run_id: str) -> None:
@@ -34,6 +36,7 @@ def worker_environment(nproc: int, run_id: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ[D.LAUNCHER_PID_ENV] = str(os.getpid())  # the workers stop when this process dies
     os.environ.setdefault("LSA_PROGRESS", "1" if sys.stdout.isatty() else "0")  # workers write to files
     if run_id:
         os.environ[RUN_ID_ENV] = run_id
@@ -70,6 +73,7 @@ def report(cfg: RunConfig, outcome: Outcome, offsets: dict[int, int], run_id: st
         print(f"\n{outcome.launcher_signal}: the workers were asked to checkpoint and stop", file=sys.stderr)
     failures = outcome.failures()
     if failures:
+        end_run(cfg, run_id, "FAILED")  # rank 0 may have died without a word to MLflow
         first = failures[0]
         print(f"\nerror: rank {first.rank} failed ({first.describe()}); its last lines:", file=sys.stderr)
         if first.rank != 0 or first.code != cli.EXIT_BAD_INPUT:  # rank 0's one-line error is already shown
@@ -108,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"launch.nproc": args.nproc, "launch.max_restarts": args.max_restarts}
     try:
         cfg = cli.load(args, *(f"{k}={v}" for k, v in flags.items() if v is not None))
+        lock = RunLock(cfg.run_dir, "launch/local.py")
+        lock.check_free()  # a run in use is refused as such, before what its config would do is checked
         previous = cli.preflight(cfg, cfg.launch.nproc)
+        lock.acquire()  # held until this process ends
     except cli.USER_ERRORS as err:
         return cli.fail(err)
+    os.environ[OWNER_ENV] = "1"  # the workers train under this process's ownership
     config_path, run_id = cli.prepare_run(cfg, previous, "launch_config.yaml")
     if run_id:
         print(f"MLflow run {run_id} ({cfg.tracking.experiment})")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from lsa_dist import cli  # noqa: E402
 from lsa_dist.config import RunConfig, to_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
+from lsa_dist.lock import RunLock  # noqa: E402
 
 
 def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
@@ -215,12 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     world = params["nodes"] * params["tasks_per_node"]
     try:  # every job of a sweep is checked before any is submitted
         # the dataset where this host sees it; the job's nodes (not this host) must support the precision
+        locks = [RunLock(cfg.run_dir, "launch/slurm.py") for cfg in jobs]
+        for lock in locks:
+            lock.check_free()  # a run in use is refused as such, before its config is looked at
         previous = [cli.preflight(cfg, world, dataset=dataset_visible(cfg), hardware=False) for cfg in jobs]
+        locks = [lock.acquire() for lock in locks]
     except cli.USER_ERRORS as err:
         return cli.fail(err)
     # jobs inherit this environment (sbatch --export=ALL): make the checkout importable there too
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    submitted = [(cfg, *submit(cfg, run, params, args.job_dir)) for cfg, run in zip(jobs, previous)]
+    submitted = []
+    for cfg, run, lock in zip(jobs, previous, locks):
+        job, run_id = submit(cfg, run, params, args.job_dir)
+        lock.record({"slurm_job": str(job.job_id)})  # the job owns the run from now until it leaves the queue
+        lock.release()
+        submitted.append((cfg, job, run_id))
     return wait(submitted) if args.wait else 0
 
 

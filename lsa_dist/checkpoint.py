@@ -13,7 +13,6 @@ moment leaves the previous checkpoint (and `latest`) intact.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from . import dist as D
-from .fs import atomic_write_bytes, atomic_write_json
+from . import rng
+from .fs import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -46,33 +46,11 @@ class TrainState:
     step: int = 0  # optimizer steps so far
     run_id: str = ""  # the MLflow run to continue
     best_top1: float = 0.0
+    eval_pending: bool = False  # the epoch-end evaluation was cut short by a stop: run it first
+    dataset_sha256: str = ""  # of the dataset.json trained on: its identity, wherever it lies
     world_size: int = 1
     backend: str = "deepspeed"
     zero_stage: int = 0
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states in types torch.load(weights_only=True) accepts."""
-    py_version, py_keys, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": [py_version, list(py_keys), py_gauss],
-        "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py_version, py_keys, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_keys), py_gauss))
-    np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -114,15 +92,17 @@ class CheckpointManager:
         engine.save(self.staging, tag, client_state)
         rng_dir = self.staging / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
-        buffer = _to_bytes(_rng_state())
+        buffer = _to_bytes(rng.get_state())
         atomic_write_bytes(rng_dir / f"rank{self.rank}.pt", buffer)
         D.barrier()
         if self.rank == 0:
             atomic_write_bytes(self.staging / tag / "config.yaml", config_yaml.encode())
             meta = {"tag": tag, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(state)}
             atomic_write_json(self.staging / tag / META, meta)
+            fsync_tree(self.staging / tag)  # every rank's files (the barrier above: all written)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier attempt
             (self.staging / tag).rename(final)
+            fsync_dir(self.root)  # the rename is durable before `latest` moves and anything is pruned
             try:
                 self.staging.rmdir()
             except OSError:  # another checkpoint is being staged
@@ -147,7 +127,7 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load checkpoint {folder}: {first}") from err
         rng_path = folder / "rng" / f"rank{self.rank}.pt"
         if rng_path.is_file():
-            _set_rng_state(torch.load(rng_path, weights_only=True))
+            rng.set_state(torch.load(rng_path, weights_only=True))
         known = TrainState.__dataclass_fields__
         state = TrainState(**{k: v for k, v in client_state["train_state"].items() if k in known})
         return state, client_state
@@ -179,15 +159,129 @@ def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
     return Path(resume)
 
 
-def check_resumable(run_dir: Path, resume: str, world_size: int) -> str:
+def lineage_conflict(run_dir: Path, resume: str) -> tuple[list[Path], bool]:
+    """The run folder's checkpoints that a launch with `resume` would neither continue from nor
+    may keep beside its own, and whether setting them aside needs train.overwrite.
+
+    auto continues the latest: nothing. A checkpoint of this run (a rollback) starts a new
+    branch: the later checkpoints go aside by themselves (kept, never adopted or pruned by the
+    new branch). never, or another run's checkpoint, would start a new lineage in a folder that
+    holds one: all of them, and only when asked to."""
+    existing = CheckpointManager(Path(run_dir) / "checkpoints", 1, 0).complete()
+    if resume == "auto" or not existing:
+        return [], False
+    if resume != "never":
+        target = Path(resume).resolve()
+        if target.parent == existing[0].parent.resolve():
+            return [p for p in existing if p.name > target.name], False
+    return existing, True
+
+
+def check_lineage(run_dir: Path, resume: str, overwrite: bool) -> None:
+    """CheckpointError if a launch with `resume` would mix a new lineage into this run's checkpoints."""
+    conflict, needs_overwrite = lineage_conflict(run_dir, resume)
+    if conflict and needs_overwrite and not overwrite:
+        newest = read_meta(conflict[-1]).get("step", "?")
+        raise CheckpointError(
+            f"train.resume={resume}: {Path(run_dir) / 'checkpoints'} holds this run's checkpoints (up to step "
+            f"{newest}); continue them with train.resume=auto, start another run with train.name=<new>, or "
+            "add train.overwrite=true to move them aside (into set_aside/ in the run folder)"
+        )
+
+
+def set_aside(run_dir: Path, folders: list[Path]) -> Path:
+    """Move checkpoint folders into run_dir/set_aside/<time>/ (nothing is deleted) and point
+    `latest` at the newest checkpoint left (or remove it). Returns the new folder."""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    target = Path(run_dir) / "set_aside" / stamp
+    while target.exists():  # two in one second
+        n += 1
+        target = target.with_name(f"{stamp}.{n}")
+    target.mkdir(parents=True)
+    for folder in folders:
+        folder.rename(target / folder.name)
+    manager = CheckpointManager(Path(run_dir) / "checkpoints", 1, 0)
+    left = manager.complete()
+    pointer = manager.root / "latest"
+    if left:
+        atomic_write_bytes(pointer, left[-1].name.encode())
+    else:
+        pointer.unlink(missing_ok=True)
+    fsync_dir(target)
+    fsync_dir(manager.root)
+    return target
+
+
+def check_resumable(run_dir: Path, resume: str, world_size: int, overwrite: bool = False) -> str:
     """Before any process starts: the checkpoint to resume has readable metadata and was
-    written by `world_size` ranks. Returns the MLflow run it continues ('' for a new run)."""
+    written by `world_size` ranks, and the launch would not mix lineages (`check_lineage`).
+    Returns the MLflow run it continues ('' for a new run)."""
+    check_lineage(run_dir, resume, overwrite)
     folder = checkpoint_to_resume(run_dir, resume)
     if folder is None:
         return ""
     meta = read_meta(folder)
     check_world_size(folder, meta, world_size)
     return meta.get("run_id", "") if resume == "auto" else ""
+
+
+# keys whose change alters a run's mathematics (sections end with a dot); the rest (logging,
+# evaluation, checkpointing, workers, compile, activation checkpointing) may change on resume
+MATH_KEYS = (
+    "model.",
+    "optim.",
+    "data.augment.",
+    "data.batch_size",
+    "data.image_size",
+    "data.format",
+    "data.train_split",
+    "data.shuffle_buffer",
+    "engine.backend",
+    "engine.zero_stage",
+    "engine.precision",
+    "engine.offload_optimizer",
+    "train.seed",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(folder: Path, new: dict[str, Any], dataset_sha256: str) -> dict[str, tuple[Any, Any]]:
+    """What a resume from `folder` would change of the run's mathematics: MATH_KEYS whose value
+    differs between the checkpoint's config and `new` (a flat config), and "dataset" when the
+    dataset.json checksum differs (data.root itself may move)."""
+    import yaml
+
+    path = Path(folder) / "config.yaml"
+    old = _flat(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    keys = sorted(k for k in set(old) | set(new) if k.startswith(MATH_KEYS) or k in MATH_KEYS)
+    changes = {k: (old.get(k), new.get(k)) for k in keys if old and old.get(k) != new.get(k)}
+    saved_sha = read_meta(folder).get("dataset_sha256", "")
+    if saved_sha and dataset_sha256 and saved_sha != dataset_sha256:
+        changes["dataset"] = (saved_sha[:12], dataset_sha256[:12])
+    return changes
+
+
+def check_compatible(folder: Path, new: dict[str, Any], dataset_sha256: str, accepted: list[str]) -> list[str]:
+    """CheckpointError naming the changed keys unless train.accept_changes lists each of them
+    (a key, or its section: "optim"). Returns the accepted changed keys."""
+    changes = config_changes(folder, new, dataset_sha256)
+
+    def ok(key: str) -> bool:
+        return any(key == a or key.startswith(a.rstrip(".") + ".") for a in accepted)
+
+    refused = [k for k in changes if not ok(k)]
+    if refused:
+        shown = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise CheckpointError(
+            f"resuming {folder} would change the run: {shown}; start another run (train.name=<new>), or accept "
+            f"with train.accept_changes=[{','.join(refused)}]"
+        )
+    return list(changes)
 
 
 def check_world_size(folder: Path, meta: dict[str, Any], world_size: int) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_resumable
-from .config import ConfigError, RunConfig, load_config, to_yaml
+from .checkpoint import CheckpointError, check_compatible, check_resumable, checkpoint_to_resume
+from .config import ConfigError, RunConfig, flatten, load_config, to_yaml
 from .data import DatasetError, load_dataset_info
 from .dist import check_precision
-from .fs import atomic_write_text
+from .fs import atomic_write_text, sha256_file
 from .tracking import prepare
 
 EXIT_OK = 0
@@ -57,14 +57,25 @@ def load(args: argparse.Namespace, *extra: str) -> RunConfig:
 def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware: bool = True) -> str:
     """The checks made before any process starts or any job is queued: the dataset can give
     every one of `world_size` ranks a batch (`dataset`), this machine's device can train in
-    engine.precision (`hardware`: only where the workers run here), and the checkpoint a resume
-    would read has readable metadata and the same number of ranks. Returns the MLflow run id to
+    engine.precision (`hardware`: only where the workers run here), the checkpoint a resume
+    would read has readable metadata, the same number of ranks and the same mathematics
+    (`check_compatible`), and train.resume would not mix a new lineage into the run's
+    checkpoints. Returns the MLflow run id to
     continue ('' for a new run)."""
     if dataset:
         load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world_size, cfg.data.batch_size)
     if hardware:
         check_precision(cfg.engine.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    return check_resumable(cfg.run_dir, cfg.train.resume, world_size)
+    previous = check_resumable(cfg.run_dir, cfg.train.resume, world_size, cfg.train.overwrite)
+    folder = checkpoint_to_resume(cfg.run_dir, cfg.train.resume)
+    if folder is not None:
+        check_compatible(folder, flatten(cfg), dataset_checksum(cfg) if dataset else "", cfg.train.accept_changes)
+    return previous
+
+
+def dataset_checksum(cfg: RunConfig) -> str:
+    """sha256 of the dataset's dataset.json: the dataset's identity for resume and tracking."""
+    return sha256_file(Path(cfg.data.root) / "dataset.json")
 
 
 def prepare_run(cfg: RunConfig, previous_run_id: str, config_name: str) -> tuple[Path, str]:

@@ -144,6 +144,8 @@ class TrainSection:
     output_dir: str = "runs"  # runs go to output_dir/name
     seed: int = 0
     resume: str = "auto"  # auto (latest good checkpoint of this run) | never | a checkpoint folder
+    overwrite: bool = False  # with resume=never (or another run's checkpoint): set this run's checkpoints aside
+    accept_changes: list[str] = field(default_factory=list)  # keys (or sections) a resume may change
     eval_every: int = 1  # epochs
     max_steps: int = 0  # stop after this many optimizer steps (0 = the full schedule)
     eval_only: bool = False  # evaluate the resumed/initial weights and stop

@@ -38,6 +38,9 @@ class DistEnv:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
+LAUNCHER_PID_ENV = "LSA_DIST_LAUNCHER_PID"  # set by launch/local.py for its workers
+
+
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
@@ -59,8 +62,10 @@ def discover() -> DistEnv:
 
 
 def restart_count() -> int:
-    """How many times torch's elastic agent restarted this job's workers (0: the first start)."""
-    return _int("TORCHELASTIC_RESTART_COUNT", 0)
+    """How many times this job's workers were started again: by torch's elastic agent
+    (--max-restarts) or by SLURM requeueing the job (preemption, time limit, node failure).
+    0 on the launch itself; a restart continues the run, whatever train.resume said at launch."""
+    return max(_int("TORCHELASTIC_RESTART_COUNT", 0), _int("SLURM_RESTART_COUNT", 0))
 
 
 def device_for(env: DistEnv) -> torch.device:

@@ -181,6 +181,7 @@ class Echo:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = path.stat().st_size if path.exists() else 0
+        self.broken = False  # stdout can no longer be written
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -208,8 +209,13 @@ class Echo:
             chunk = f.read()
         if chunk:
             self.offset += len(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+            if self.broken:
+                return
+            try:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            except OSError:  # a closed pipe (| head) or terminal: the log file still has it all
+                self.broken = True
 
 
 def tail(path: Path, start: int, lines: int = 30) -> list[str]:

@@ -52,6 +52,14 @@ class Engine(Protocol):
 
     def lr(self) -> float: ...
 
+    def base_lrs(self) -> list[float]:
+        """The schedule's peak lr of each parameter group."""
+        ...
+
+    def rebase_lr(self, base_lrs: list[float]) -> None:
+        """Follow the schedule from these peaks (a resume that accepts a new optim.lr)."""
+        ...
+
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Collective: every rank writes its part into folder/tag."""
         ...
@@ -141,6 +149,18 @@ class _EngineBase:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def base_lrs(self) -> list[float]:
+        return list(self.scheduler.base_lrs)
+
+    def rebase_lr(self, base_lrs: list[float]) -> None:
+        # a loaded LambdaLR keeps the saved peaks; its factor function is this config's
+        sched = self.scheduler
+        sched.base_lrs = list(base_lrs)
+        lrs = [base * factor(sched.last_epoch) for factor, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports
 
     def _whole_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

@@ -32,6 +32,7 @@ from .config import RunConfig, flatten
 SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
 REDACTED = "***"
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
+SPOOL_MAX_BYTES = 64 << 20  # metrics kept through an outage: about a million values
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -101,6 +102,19 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
         return ""
 
 
+def end_run(cfg: RunConfig, run_id: str, status: str) -> None:
+    """Mark a run ended from outside its workers (a launcher whose rank 0 died: SIGKILL, OOM),
+    unless it already ended; tracking problems are ignored here."""
+    if not (cfg.tracking.enabled and run_id):
+        return
+    try:
+        client = _client(tracking_uri(cfg))
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001, S110 - best effort: the run's metrics are already there or spooled
+        pass
+
+
 def run_id_for(cfg: RunConfig, previous: str) -> str:
     """The MLflow run a worker logs to: the one its launcher prepared ($LSA_MLFLOW_RUN_ID), else
     one prepared here (a single process, or rank 0 under a plain torchrun)."""
@@ -156,6 +170,7 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         self.spool = spool
         self.warned = False
+        self.dropped = 0  # metrics that did not fit in the spool
         self.queue: queue.Queue = queue.Queue()
         self.flush_every_s = flush_every_s
         self.closed = threading.Event()
@@ -240,6 +255,8 @@ class Tracker:
             self._flush()
 
     def _flush(self) -> None:
+        """Send what was queued. While MLflow is unreachable it is appended to the spool (never
+        rewritten, at most SPOOL_MAX_BYTES); the first send that works replays the spool once."""
         from mlflow.entities import Metric
 
         pending = []
@@ -248,18 +265,50 @@ class Tracker:
                 pending.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        if self.spool.is_file():  # earlier metrics that could not be sent
-            pending = [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line] + pending
-        if not pending:
+        if not pending and not (self.spool.is_file() and not self.warned):
             return
         try:
+            if self.warned and self.spool.is_file():  # in an outage: one probe, not the whole spool
+                self.client.get_run(self.run_id)
             for i in range(0, len(pending), 1000):
                 chunk = [Metric(k, v, t, s) for k, v, t, s in pending[i : i + 1000]]
                 self.client.log_batch(self.run_id, metrics=chunk)
-            self.spool.unlink(missing_ok=True)
         except Exception as err:  # noqa: BLE001
             self._warn(err)
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.spool.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(list(p)) + "\n" for p in pending))
-            tmp.replace(self.spool)
+            self._spool(pending)
+            return
+        self._replay()
+
+    def _spool(self, pending: list[tuple]) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        size = self.spool.stat().st_size if self.spool.is_file() else 0
+        lines = "".join(json.dumps(list(p)) + "\n" for p in pending)
+        if size + len(lines) > SPOOL_MAX_BYTES:
+            self.dropped += len(pending)
+            if self.dropped == len(pending):
+                print(
+                    f"warning: {self.spool} is full ({SPOOL_MAX_BYTES >> 20} MiB); newer metrics are dropped "
+                    "until MLflow is back",
+                    file=sys.stderr,
+                )
+            return
+        with self.spool.open("a") as f:
+            f.write(lines)
+
+    def _replay(self) -> None:
+        """Send the spool (metrics of an outage, or of an earlier process of the run) once, then remove it."""
+        from mlflow.entities import Metric
+
+        if not self.spool.is_file():
+            self.warned = False
+            return
+        rows = [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line.strip()]
+        try:
+            for i in range(0, len(rows), 1000):
+                chunk = [Metric(k, v, t, s) for k, v, t, s in rows[i : i + 1000]]
+                self.client.log_batch(self.run_id, metrics=chunk)
+        except Exception as err:  # noqa: BLE001 - still down: the spool stays as it is
+            self._warn(err)
+            return
+        self.spool.unlink(missing_ok=True)
+        self.warned, self.dropped = False, 0

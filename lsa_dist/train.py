@@ -8,7 +8,9 @@ runs one process (or, under torchrun, one of many).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,11 +20,17 @@ from . import dist as D
 from .config import RunConfig
 from .trainer import Result, Trainer
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
 
 def main(cfg: RunConfig) -> Result:
     """Train (or, with train.eval_only, evaluate) one run; every process of the job calls it."""
     trainer = Trainer(cfg)
-    return trainer.evaluate_only() if cfg.train.eval_only else trainer.fit()
+    try:
+        return trainer.evaluate_only() if cfg.train.eval_only else trainer.fit()
+    except BaseException:
+        trainer.sinks.tracker.finish("FAILED")  # what was logged is sent; the run does not stay RUNNING
+        raise
 
 
 def run_worker(cfg: RunConfig) -> int:
@@ -57,7 +65,20 @@ def append_output_to(log_dir: Path) -> None:
         print(f"--- restart {restart} of this job's workers ---", flush=True)
 
 
+def die_with_launcher() -> None:
+    """A worker of launch/local.py gets SIGTERM (checkpoint and stop) when the launcher dies,
+    however it dies (SIGKILL, a closed terminal): no worker outlives it by more than a stop."""
+    launcher = os.environ.get(D.LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the line above: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def command(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     parser = cli.config_parser(__doc__, config_required=False)
     parser.add_argument("--log-dir", type=Path, default=None, help="append this rank's output to DIR/rank<r>.log")
     args = parser.parse_args(argv)

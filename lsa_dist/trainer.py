@@ -9,6 +9,7 @@ metrics leave the loop (metrics.jsonl, MLflow and rank 0's console).
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import time
@@ -21,18 +22,31 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as D
-from .checkpoint import CheckpointManager, TrainState, checkpoint_to_resume, save_model_file
-from .config import ConfigError, RunConfig, model_overrides, to_yaml
+from . import rng
+from .checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    check_compatible,
+    check_lineage,
+    checkpoint_to_resume,
+    lineage_conflict,
+    save_model_file,
+    set_aside,
+)
+from .config import ConfigError, RunConfig, flatten, model_overrides, to_yaml
 from .data import build_loader, load_dataset_info
 from .data.transforms import build_mixup
 from .engine import PRECISIONS, StepInfo, build_engine
 from .fs import atomic_write_text, sha256_file
+from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
 from .sinks import Console, MetricsFile, Sinks, metrics_line
 from .tracking import Tracker, run_id_for, system_info
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM via submitit
+# USR2: SLURM's warning (submitit); HUP: the terminal or session went away
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -50,7 +64,8 @@ class Result:
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT/SIGUSR1/SIGUSR2: checkpoint at the next step boundary and stop."""
+    """Set by SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2: checkpoint at the next step boundary (an
+    evaluation under way is cut short) and stop."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -108,9 +123,11 @@ class Trainer:
         self.cfg = cfg
         self.env = D.discover()
         self.device = D.init(self.env)
+        self.lock = self._own_run()
+        self.fallback = ""  # why the resume used an older checkpoint than the latest, if it did
         self.stop = StopRequest()
         self.stop.install()
-        torch.manual_seed(cfg.train.seed)
+        rng.seed_all(cfg.train.seed)  # the initial weights: the same on every rank
         self.run_dir = cfg.run_dir
         self.config_yaml = to_yaml(cfg)
         if self.env.is_main:
@@ -134,6 +151,7 @@ class Trainer:
         self.windows = {"tracking": Window(), "progress": Window()}  # of logging: MLflow's and the console's
         self.epoch_loss = Window()
         self.first_step_logged = False
+        self.eval_cut = False  # an evaluation was cut short by a stop request
 
     # -- building -----------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -169,18 +187,84 @@ class Trainer:
             self.ema.module.float()
 
     def _resume(self) -> Path | None:
-        """Restore the checkpoint that train.resume names; after a restart by the local launcher
-        (--max-restarts), the run's latest checkpoint instead, where there is one."""
-        restarted = self.checkpoints.latest() if D.restart_count() > 0 else None
+        """Restore the checkpoint that train.resume names at launch; after a restart (the local
+        launcher's --max-restarts, a SLURM requeue) the run's own latest checkpoint instead,
+        where there is one: train.resume=never or a PATH acts once, not on every requeue."""
+        if D.restart_count() > 0:
+            restarted = self.checkpoints.latest()
+        else:
+            self._start_lineage()
+            restarted = None
         folder = restarted or checkpoint_to_resume(self.run_dir, self.cfg.train.resume)
+        dataset_sha = sha256_file(Path(self.cfg.data.root) / "dataset.json")
         if folder is not None:
-            self.state, client_state = self.checkpoints.load(self.engine, folder)
+            accepted = check_compatible(folder, flatten(self.cfg), dataset_sha, self.cfg.train.accept_changes)
+            configured_lrs = self.engine.base_lrs()
+            own_latest = restarted is not None or self.cfg.train.resume == "auto"
+            folder, client_state = self._load_good(folder, fall_back=own_latest)
+            if any(key.startswith("optim.") for key in accepted):
+                self.engine.rebase_lr(configured_lrs)
             if self.ema is not None and "ema" in client_state:
                 self.ema.module.load_state_dict(client_state["ema"])
             s = self.state
             self.console.say(f"resumed from {folder} (epoch {s.epoch}, batch {s.batch}, step {s.step})")
+        self.state.dataset_sha256 = dataset_sha
         self.checkpoints.clean_staging()
         return folder
+
+    def _own_run(self) -> RunLock | None:
+        """Rank 0 takes the run folder's lock unless its launcher holds it for the workers; a
+        refusal (another launch or a queued SLURM job owns the run) ends every rank with exit 2."""
+        lock, failure = None, None
+        if os.environ.get(OWNER_ENV):
+            hold_as_worker(self.cfg.run_dir)
+        elif self.env.is_main:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            what = "a SLURM job's rank 0" if job else "python -m lsa_dist.train"
+            try:
+                lock = RunLock(self.cfg.run_dir, what).acquire(own_job=job)
+            except RunInUseError as err:
+                failure = err
+        if D.any_rank(failure is not None, self.device):
+            raise failure or RunInUseError(f"rank 0 could not take {self.cfg.run_dir}'s lock; see rank 0's output")
+        return lock
+
+    def _load_good(self, folder: Path, fall_back: bool) -> tuple[Path, dict[str, Any]]:
+        """Load `folder`; if it fails on any rank and it is the run's own latest (not a path the
+        user named), the previous complete checkpoint instead, and so on, with a warning (and an
+        MLflow tag, `resume.fallback`). Every rank ends on the same checkpoint."""
+        older = [c for c in self.checkpoints.complete() if c.name < folder.name] if fall_back else []
+        candidates = [folder, *reversed(older)]
+        for i, candidate in enumerate(candidates):
+            error: CheckpointError | None = None
+            try:
+                self.state, client_state = self.checkpoints.load(self.engine, candidate)
+            except CheckpointError as err:
+                error = err
+            if not D.any_rank(error is not None, self.device):
+                if i:  # the unloadable ones go aside: a new save at their steps must not be skipped
+                    self.fallback = f"{folder.name} could not be loaded; resumed from {candidate.name}"
+                    if self.env.is_main:
+                        set_aside(self.run_dir, candidates[:i])
+                    D.barrier()
+                return candidate, client_state
+            if i + 1 == len(candidates):
+                raise error or CheckpointError(f"cannot load checkpoint {candidate} on another rank; see its log")
+            reason = str(error) if error else "it failed on another rank"
+            self.console.say(f"warning: {reason}; falling back to the previous checkpoint {candidates[i + 1]}")
+        raise AssertionError("unreachable")
+
+    def _start_lineage(self) -> None:
+        """At launch: refuse to mix a new lineage into the run's checkpoints (train.resume=never
+        on a folder that has some, unless train.overwrite), and set aside what a rollback or an
+        overwrite leaves behind, so that no new save is skipped, pruned or adopted because of it."""
+        resume = self.cfg.train.resume
+        check_lineage(self.run_dir, resume, self.cfg.train.overwrite)  # the same answer on every rank
+        conflict, _ = lineage_conflict(self.run_dir, resume)
+        if conflict and self.env.is_main:
+            moved = set_aside(self.run_dir, conflict)
+            self.console.say(f"train.resume={resume}: {len(conflict)} earlier checkpoint(s) moved to {moved}")
+        D.barrier()
 
     def _tracker(self) -> Tracker:
         """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags, config."""
@@ -192,10 +276,11 @@ class Trainer:
         tracker = Tracker(cfg, self.state.run_id, spool)
         if tracker.enabled:
             tracker.log_config(cfg)
-            dataset_sha = sha256_file(Path(cfg.data.root) / "dataset.json")
-            tags = system_info(self.env.world_size, self.env.num_nodes, dataset_sha)
+            tags = system_info(self.env.world_size, self.env.num_nodes, self.state.dataset_sha256)
             tracker.set_tags({f"sys.{k}": v for k, v in tags.items()})
             tracker.log_artifact(self.run_dir / "config.yaml")
+            if self.fallback:
+                tracker.set_tags({"resume.fallback": self.fallback})
         return tracker
 
     # -- the loop -----------------------------------------------------------------------------
@@ -205,27 +290,42 @@ class Trainer:
         self.engine.train(True)
         for window in self.windows.values():
             window.reset()
+        if self.state.eval_pending:  # stopped during an epoch-end evaluation: it comes first
+            self._epoch_metrics({"epoch": self.state.epoch})
         while self.state.epoch < self.cfg.optim.epochs and self.state.step < self.max_steps:
             self.epoch_loss.reset()
             for images, labels in self._batches():
+                if self._stopping():
+                    return self._stop()
                 output = self.train_step(images, labels)
                 self._count(output, images.shape[0] * self.env.world_size)
                 self.checkpoint("every_steps")
-                if D.any_rank(self.stop.requested, self.device):
-                    self.stop.signal = self.stop.signal or "by another rank"
-                    self.console.say(f"stop requested ({self.stop.signal}): checkpointing at step {self.state.step}")
-                    self.checkpoint("stop")
-                    return self._end("stopped")
                 if self.state.step >= self.max_steps:
                     break
             if self.state.batch >= self.steps_per_epoch:
                 self._end_epoch()
             elif self.state.step >= self.max_steps:
                 self.checkpoint("max_steps")
+            if self._stopping():
+                return self._stop()
         return self._end("finished")
 
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank asks at the same points)."""
+        if D.any_rank(self.stop.requested, self.device):
+            self.stop.signal = self.stop.signal or "by another rank"
+            return True
+        return False
+
+    def _stop(self) -> Result:
+        self.console.say(f"stop requested ({self.stop.signal}): checkpointing at step {self.state.step}")
+        self.checkpoint("stop")
+        return self._end("stopped")
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        """One optimizer step on a uint8 batch: model input, mixup, micro-batches, backward, step."""
+        """One optimizer step on a uint8 batch: model input, mixup, micro-batches, backward, step.
+        Its randomness (erasing, mixup/cutmix, drop path) is a function of (seed, rank, step)."""
+        rng.seed_step(self.cfg.train.seed, self.env.rank, self.state.step)
         inputs = self.train_loader.to_model_input(images.to(self.device, non_blocking=True))
         targets = labels.to(self.device, non_blocking=True)
         if self.mixup is not None:
@@ -263,7 +363,16 @@ class Trainer:
     def _evaluate(self, forward: Any) -> dict[str, float]:
         loader = self.val_loader
         batches = self.console.progress(loader.epoch(self.state.epoch), len(loader), "eval")
-        return evaluate(forward, batches, loader.to_model_input, self.device)
+        return evaluate(forward, self._unless_stopped(batches), loader.to_model_input, self.device)
+
+    def _unless_stopped(self, batches: Any) -> Iterator[Any]:
+        """The evaluation's batches until a stop is requested (on any rank): an ImageNet
+        evaluation outlasts SLURM's warning, so a stop does not wait for it."""
+        for batch in batches:
+            if self._stopping():
+                self.eval_cut = True
+                return
+            yield batch
 
     def checkpoint(self, event: str) -> None:
         """The save policy: every checkpoint.every_steps steps ("every_steps"), and always at an
@@ -353,14 +462,23 @@ class Trainer:
         s, cfg = self.state, self.cfg
         s.epoch, s.batch = s.epoch + 1, 0
         epoch_loss = float(self.epoch_loss.loss_sum) / max(self.epoch_loss.steps, 1)
-        metrics: dict[str, float] = {"train/epoch_loss": epoch_loss, "epoch": s.epoch}
-        if s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs:
-            metrics.update(self.evaluate())
-            s.best_top1 = max(s.best_top1, metrics["val/top1"])
-            metrics["val/top1_best"] = s.best_top1
+        s.eval_pending = s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs
+        self._epoch_metrics({"train/epoch_loss": epoch_loss, "epoch": s.epoch})
+        self.checkpoint("epoch_end")
+
+    def _epoch_metrics(self, metrics: dict[str, float]) -> None:
+        """Log the epoch's metrics with its evaluation when one is due; an evaluation cut short
+        by a stop stays pending in the checkpoint and runs first when the run resumes."""
+        s = self.state
+        if s.eval_pending:
+            val = self.evaluate()
+            if not self.eval_cut:
+                s.eval_pending = False
+                s.best_top1 = max(s.best_top1, val["val/top1"])
+                metrics.update(val)
+                metrics["val/top1_best"] = s.best_top1
         self.last_metrics = metrics
         self.log(metrics, s.step)
-        self.checkpoint("epoch_end")
 
     # -- start and end ------------------------------------------------------------------------
     def _announce(self) -> None:

@@ -21,6 +21,19 @@ TINY = [
     "tracking.log_every=1",
 ]
 
+# the paper's training recipe (DeiT's, as lsa_tiny.yaml has it) on the demo images: the
+# randomness that resume and reproducibility must survive
+PAPER_RECIPE = [
+    "model.drop_path_rate=0.1",
+    "data.augment.recipe=imagenet",
+    "data.augment.hflip=0.5",
+    "data.augment.rand_augment=rand-m9-mstd0.5-inc1",
+    "data.augment.reprob=0.25",
+    "data.augment.mixup=0.8",
+    "data.augment.cutmix=1.0",
+    "data.augment.label_smoothing=0.1",
+]
+
 
 def local_command(tmp: Path, name: str, data: Path, *overrides: str, nproc: int = 2) -> list[str]:
     """launch/local.py on the demo config with TINY, then `overrides` (which win)."""
@@ -47,3 +60,19 @@ def run_local(
         cwd=tmp,
         env=env,
     )
+
+
+def worker_of_rank(run_dir: Path, rank: int) -> int:
+    """The pid of launch/local.py's worker of rank `rank` (RANK in its environment; not one of
+    its DataLoader processes, which share its command line and environment)."""
+    out = subprocess.run(["pgrep", "-f", f"{run_dir}/launch_config.yaml"], capture_output=True, text=True).stdout
+    pids = set(map(int, out.split()))
+    for pid in sorted(pids):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in environ and parent not in pids:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} for {run_dir}")

@@ -16,11 +16,15 @@ from lsa_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
     TrainState,
+    check_compatible,
+    check_lineage,
     check_resumable,
     export_fp32,
+    lineage_conflict,
     read_meta,
+    set_aside,
 )
-from lsa_dist.config import load_config
+from lsa_dist.config import flatten, load_config
 from lsa_dist.dist import free_port
 from lsa_dist.engine import Engine, build_engine
 from lsa_dist.models import create_model
@@ -112,7 +116,9 @@ def test_checks_before_a_launch(process_group, tmp_path: Path) -> None:
     manager = CheckpointManager(run / "checkpoints", keep_last=3, rank=0)
     folder = manager.save(make_engine(0), TrainState(step=3, run_id="abc"), "")
     assert check_resumable(run, "auto", 1) == "abc"  # continues its MLflow run
-    assert check_resumable(run, "never", 4) == ""
+    with pytest.raises(CheckpointError, match=r"train.resume=never: .* holds this run's checkpoints \(up to step 3\)"):
+        check_resumable(run, "never", 4)  # refused before anything else is looked at
+    assert check_resumable(run, "never", 4, overwrite=True) == ""
     assert check_resumable(run, str(folder), 1) == ""  # an explicit checkpoint starts a new MLflow run
     with pytest.raises(CheckpointError, match=r"was written by 1 ranks, this run has 4"):
         check_resumable(run, "auto", 4)
@@ -124,3 +130,90 @@ def test_checks_before_a_launch(process_group, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
         read_meta(folder)
     assert json.loads((run / "checkpoints" / "latest").read_text().join('""')) == "step-00000003"
+
+
+def test_a_rollback_starts_a_branch_and_an_overwrite_sets_everything_aside(process_group, tmp_path: Path) -> None:
+    """Nothing of an earlier branch is deleted, adopted or left for `latest` to name."""
+    run = tmp_path / "run"
+    manager = CheckpointManager(run / "checkpoints", keep_last=3, rank=0)
+    engine = make_engine(0)
+    saved = [manager.save(engine, TrainState(step=step), "") for step in (2, 4, 6)]
+    assert lineage_conflict(run, "auto") == ([], False)
+    # a rollback to step 2 of this run: 4 and 6 go aside by themselves
+    later, needs_overwrite = lineage_conflict(run, str(saved[0]))
+    assert later == saved[1:] and not needs_overwrite
+    check_lineage(run, str(saved[0]), overwrite=False)
+    moved = set_aside(run, later)
+    assert sorted(p.name for p in moved.iterdir()) == ["step-00000004", "step-00000006"]
+    assert (moved / "step-00000006" / "meta.json").is_file()
+    assert manager.latest() == saved[0] and (run / "checkpoints" / "latest").read_text() == "step-00000002"
+    # the new branch saves step 4 afresh (not skipped because the old one existed) and keeps it
+    new4 = manager.save(engine, TrainState(step=4, run_id="new"), "")
+    assert read_meta(new4)["run_id"] == "new" and manager.latest() == new4
+    # another run's checkpoint, or never: the whole lineage, and only with overwrite
+    other = CheckpointManager(tmp_path / "other" / "checkpoints", 1, 0).save(engine, TrainState(step=9), "")
+    everything, needs_overwrite = lineage_conflict(run, str(other))
+    assert everything == [saved[0], new4] and needs_overwrite
+    with pytest.raises(CheckpointError, match="train.overwrite=true"):
+        check_lineage(run, str(other), overwrite=False)
+    set_aside(run, everything)
+    assert manager.complete() == [] and not (run / "checkpoints" / "latest").exists()
+    assert len(list((run / "set_aside").rglob("meta.json"))) == 4  # 4, 6, then 2 and the new 4: all kept
+
+
+def make_engine_with(*overrides: str) -> tuple[Engine, dict]:
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", [*TINY, "engine.zero_stage=1", "engine.precision=fp32", *overrides]
+    )
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, **{**cfg.model.options, "num_classes": 10})
+    return build_engine(cfg, model, steps_per_epoch=10, world_size=1, device=torch.device("cpu")), flatten(cfg)
+
+
+def test_a_resume_that_changes_the_mathematics_is_refused_unless_accepted(process_group, tmp_path: Path) -> None:
+    engine, flat = make_engine_with("optim.lr=1e-3")
+    for _ in range(3):
+        train_one_step(engine)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2, rank=0)
+    folder = manager.save(engine, TrainState(step=3, dataset_sha256="a" * 64), to_yaml_of(flat))
+    # logging, evaluation and workers may change freely
+    free = {**flat, "tracking.log_every": 1, "train.eval_every": 5, "data.num_workers": 3, "data.root": "/elsewhere"}
+    assert check_compatible(folder, free, "a" * 64, []) == []
+    changed = {**flat, "optim.lr": 2e-3, "data.batch_size": 16}
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(folder, changed, "b" * 64, ["data.batch_size"])
+    message = str(err.value)
+    assert (
+        "\n" not in message
+        and "optim.lr 0.001 -> 0.002" in message
+        and "dataset 'aaaaaaaaaaaa' -> 'bbbbbbbbbbbb'" in message
+    )
+    assert "train.accept_changes=[optim.lr,dataset]" in message and "batch_size" not in message
+    assert check_compatible(folder, changed, "a" * 64, ["optim", "data.batch_size"]) == ["data.batch_size", "optim.lr"]
+    # accepted, the new peak lr takes over from the resumed step (the saved scheduler had 1e-3)
+    resumed, _ = make_engine_with("optim.lr=2e-3")
+    configured = resumed.base_lrs()
+    manager.load(resumed, folder)
+    assert resumed.lr() == pytest.approx(engine.lr())  # the checkpoint's schedule, as saved
+    resumed.rebase_lr(configured)
+    fresh, _ = make_engine_with("optim.lr=2e-3")  # what a run with the new lr has at this step
+    for _ in range(3):
+        train_one_step(fresh)
+    assert resumed.lr() == pytest.approx(fresh.lr()) and fresh.lr() > 1.5 * engine.lr()
+    train_one_step(resumed)
+    train_one_step(fresh)
+    assert resumed.lr() == pytest.approx(fresh.lr())
+
+
+def to_yaml_of(flat: dict) -> str:
+    """A flat config back into the nested YAML a checkpoint stores."""
+    import yaml
+
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return yaml.safe_dump(tree)

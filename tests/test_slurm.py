@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -181,9 +182,18 @@ def slow_requeue(env: dict, folder: Path) -> dict:
 def test_preemption_checkpoints_requeues_and_finishes_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
+    """Preempted by an urgent job: checkpoint, requeue, continue from the run's own checkpoint
+    (train.resume=never acts at the launch, not on every requeue), finish as if uninterrupted."""
     env = slow_requeue(cluster, tmp_path)
-    job = slurm(env, tmp_path, "preempted", demo_shards, *LONG_FLAGS, "--time", "30", *LONG, background=True)
+    args = (*LONG_FLAGS, "--time", "30", *LONG, "train.resume=never")
+    job = slurm(env, tmp_path, "preempted", demo_shards, *args, background=True)
     wait_for_step(tmp_path / "preempted", 60)
+    # the job owns its run: a second submission, or a local launch, of it is refused
+    again = slurm(cluster, tmp_path, "preempted", demo_shards, *args)
+    local_too = run_local(tmp_path, "preempted", demo_shards, *LONG)
+    for proc in (again, local_too):
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert re.search(r"run folder \S+/preempted is in use by SLURM job \d+ \(host ", proc.stderr), proc.stderr
     urgent = subprocess.run(
         [
             "sbatch",

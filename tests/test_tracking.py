@@ -4,6 +4,7 @@ tools/compare_runs.py on real runs."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import local_command, run_local
+from helpers import local_command, run_local, worker_of_rank
 from PIL import Image
 
 from lsa_dist.config import RunConfig
@@ -225,3 +226,60 @@ def test_compare_runs_errors(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
     proc = compare_runs("--experiment", "nope", "--uri", uri)
     assert proc.returncode == 1 and "error: no experiment 'nope'" in proc.stderr
+
+
+def test_the_spool_is_appended_bounded_and_replayed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An outage (nothing listens), then the backend back (a real sqlite store): metrics of the
+    outage are appended to the spool, never rewritten, up to its bound, and sent exactly once."""
+    import lsa_dist.tracking as tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = RunConfig()
+    cfg.tracking.uri = "http://127.0.0.1:9"
+    spool = tmp_path / "pending.jsonl"
+    tracker = Tracker(cfg, "0" * 32, spool, flush_every_s=3600)  # flushed by hand below
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+        tracker._flush()
+        if step == 1:
+            first, inode = spool.read_text(), spool.stat().st_ino
+    assert spool.read_text().startswith(first) and spool.stat().st_ino == inode  # appended in place
+    assert len(spool.read_text().splitlines()) == 3
+    monkeypatch.setattr(tracking, "SPOOL_MAX_BYTES", spool.stat().st_size + 10)
+    tracker.log_metrics({"train/loss": 4.0}, 4)
+    tracker._flush()
+    assert len(spool.read_text().splitlines()) == 3 and "is full" in capsys.readouterr().err
+    # the backend is back: the same tracker delivers to a reachable store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = client(uri)
+    run = store.create_run(store.create_experiment("outage", artifact_location=(tmp_path / "a").as_uri()))
+    tracker.client, tracker.run_id = store, run.info.run_id
+    tracker.log_metrics({"train/loss": 5.0}, 5)
+    tracker._flush()
+    tracker.log_metrics({"train/loss": 6.0}, 6)
+    tracker.finish()
+    history = store.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 5, 6] and not spool.exists()
+
+
+@pytest.mark.slow
+def test_a_crashed_run_ends_failed_with_its_metrics(demo_shards: Path, tmp_path: Path) -> None:
+    """A rank SIGKILLed mid-run (no restarts): the run is FAILED in MLflow, not RUNNING forever,
+    and holds every step rank 0 logged before it went down (flushed on its way out)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = local_command(tmp_path, "crash", demo_shards, f"tracking.uri={uri}", "train.max_steps=300")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "crash" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train/loss"') < 5):
+        time.sleep(0.1)
+    os.kill(worker_of_rank(tmp_path / "crash", 1), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "failed (signal 9)" in err, err[-3000:]
+    (run,) = runs_named(uri, "crash")
+    assert run.info.status == "FAILED"
+    logged = {json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train/loss"' in line}
+    history = {m.step for m in client(uri).get_metric_history(run.info.run_id, "train/loss")}
+    assert history == logged and len(logged) >= 5

@@ -15,7 +15,7 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from helpers import local_command
+from helpers import PAPER_RECIPE, local_command, worker_of_rank
 
 from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file
 from lsa_dist.dist import cpu_has_fp16
@@ -136,17 +136,21 @@ def test_compiled_model_trains_like_the_eager_one(demo_shards: Path, tmp_path: P
     ids=["zero0", "zero1-ema", "zero3", "fairscale"],
 )
 def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tuple[str, ...]) -> None:
-    # 50 steps straight, against 23 steps (mid-epoch: 44 steps per epoch) and a resume to 50
-    common = (*engine, "engine.precision=bf16", "checkpoint.every_steps=0")
+    """The paper's recipe (drop path, RandAugment, mixup/cutmix, erasing, label smoothing):
+    50 steps straight, against 23 steps (mid-epoch: 44 steps per epoch) and a resume to 50."""
+    common = (*engine, *PAPER_RECIPE, "engine.precision=bf16", "checkpoint.every_steps=0")
     assert_ok(run_local(tmp_path, "straight", demo_shards, *common, "train.max_steps=50"))
     assert_ok(run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=23"))
+    # the same seed gives the same run: every step's loss of the first launch equals the straight run's
+    first, straight_losses = losses(tmp_path / "resumed"), losses(tmp_path / "straight")
+    assert sorted(first) == list(range(1, 24)) and all(first[s] == straight_losses[s] for s in first)
     proc = run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=50")
     assert_ok(proc)
     assert "resumed from" in proc.stdout and "step 23" in proc.stdout
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    assert losses(tmp_path / "resumed")[50] == losses(tmp_path / "straight")[50]
+    assert losses(tmp_path / "resumed")[50] == straight_losses[50]
     if "optim.ema_decay=0.9" in engine:
         # the EMA travels in the checkpoint: the resumed run ends with the same average,
         # which is its own set of weights, evaluated and exported beside model.pt
@@ -159,7 +163,8 @@ def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tup
         assert evals and all(0 <= r["val_ema/top1"] <= 100 and "val_ema/loss" in r for r in evals)
 
 
-INTERRUPTED = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2")
+# the paper's recipe, with a loader worker (its augmentation in another process)
+INTERRUPTED = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2", *PAPER_RECIPE, "data.num_workers=1")
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +190,10 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     cmd = local_command(tmp_path, "interrupted", demo_shards, "tracking.enabled=false", *INTERRUPTED)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(tmp_path / "interrupted", 30, proc)
+    # one owner per run: the same command again, while this one trains, is refused
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert "is in use by launch/local.py (host " in second.stderr and f"pid {proc.pid}, since " in second.stderr
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]
@@ -192,6 +201,15 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     latest = CheckpointManager(tmp_path / "interrupted" / "checkpoints", 3, 0).latest()
     step = json.loads((latest / "meta.json").read_text())["step"]
     assert 30 <= step < 88 and step % 44 != 0, step  # mid-epoch
+    # a new lineage in a folder that holds one is refused, naming the ways out; nothing is touched
+    fresh = subprocess.run([*cmd, "train.resume=never"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 2 and fresh.stderr.startswith("error: train.resume=never: "), fresh.stderr
+    assert "train.name=" in fresh.stderr and "train.overwrite=true" in fresh.stderr
+    assert CheckpointManager(tmp_path / "interrupted" / "checkpoints", 3, 0).latest() == latest
+    # so is a resume that changes the run's mathematics (a new lr would be silently ignored)
+    changed = subprocess.run([*cmd, "optim.lr=1e-3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "would change the run: optim.lr 0.002 -> 0.001" in changed.stderr
+    assert "train.accept_changes=[optim.lr]" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
     assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
     resumed = weights(tmp_path / "interrupted")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
@@ -208,14 +226,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     demo_shards: Path, tmp_path: Path, uninterrupted: dict
 ) -> None:
     """--max-restarts: a worker SIGKILLed mid-epoch; all workers restart from the last checkpoint
-    and the run ends as if nothing had happened. Its output, piped, has plain progress lines."""
-    cmd = local_command(
-        tmp_path, "restarted", demo_shards, "tracking.enabled=false", *INTERRUPTED, "checkpoint.every_steps=10"
-    )
+    (train.resume=never acts at launch only) and the run ends as if nothing had happened. Its
+    output, piped, has plain progress lines."""
+    overrides = (*INTERRUPTED, "checkpoint.every_steps=10", "train.resume=never")
+    cmd = local_command(tmp_path, "restarted", demo_shards, "tracking.enabled=false", *overrides)
     cmd += ["--max-restarts", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path / "restarted", 25, proc)
-    subprocess.run(["pkill", "-9", "-f", "-n", f"{tmp_path / 'restarted'}/launch_config.yaml"], check=True)
+    os.kill(worker_of_rank(tmp_path / "restarted", 1), signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert re.search(r"rank \d failed \(signal 9\); restarting the workers from the last checkpoint \(1 of 2\)", err)
@@ -231,14 +249,90 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     assert lines[-1][-1] == "0:00:00"
 
 
-def test_a_bad_checkpoint_is_not_retried(demo_shards: Path, tmp_path: Path) -> None:
-    """A worker's bad-input error (a corrupt checkpoint) ends the job at once, even with restarts
-    left: a restart would meet the same file."""
-    assert_ok(run_local(tmp_path, "corrupt", demo_shards, "train.max_steps=4", nproc=1))
-    latest = CheckpointManager(tmp_path / "corrupt" / "checkpoints", 3, 0).latest()
-    states = next(latest.glob("*model_states.pt"))
+def test_a_stop_during_evaluation_checkpoints_at_once_and_the_evaluation_runs_on_resume(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """SIGHUP to the workers (a closed session) while the epoch-end evaluation runs: it is cut
+    short, the run checkpoints and exits within 30 s, and the resumed run evaluates first."""
+    # the training split as validation, in batches of 2: an evaluation of several seconds
+    slow_eval = ("data.val_split=train", "data.eval_batch_size=2", "train.max_steps=50", "checkpoint.every_steps=0")
+    cmd = local_command(tmp_path, "hup", demo_shards, "tracking.enabled=false", *slow_eval)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path / "hup", 44, proc)  # the epoch's last step: its evaluation follows
+    subprocess.run(["pkill", "-HUP", "-f", f"{tmp_path / 'hup'}/launch_config.yaml"], check=True)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3 and time.monotonic() - sent < 30, out[-3000:]
+    assert "stop requested (SIGHUP)" in out
+    meta = json.loads((CheckpointManager(tmp_path / "hup" / "checkpoints", 3, 0).latest() / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch"], meta["eval_pending"]) == (44, 1, 0, True)
+    rows = [json.loads(line) for line in (tmp_path / "hup" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val/top1" in r for r in rows)
+    assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
+    rows = [json.loads(line) for line in (tmp_path / "hup" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val/top1" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(44, 1)] and evals[0]["val/images"] == 1438
+    assert max(r["step"] for r in rows) == 50
+
+
+def workers_of(run_dir: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"{run_dir}/launch_config.yaml"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def wait_until_no_workers(run_dir: Path, since: float, limit: float = 30) -> float:
+    while workers_of(run_dir) and time.monotonic() - since < limit + 5:
+        time.sleep(0.2)
+    assert not workers_of(run_dir), f"workers of {run_dir} outlived their launcher"
+    return time.monotonic() - since
+
+
+def test_no_worker_outlives_a_killed_launcher(demo_shards: Path, tmp_path: Path) -> None:
+    """launch/local.py SIGKILLed during the workers' start-up, then mid-training: every worker
+    is gone within 30 s (after a checkpoint when it was training), and the run resumes."""
+    run = tmp_path / "orphans"
+    cmd = local_command(tmp_path, "orphans", demo_shards, "tracking.enabled=false", "train.max_steps=200")
+    for moment in ("start-up", "training"):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if moment == "start-up":
+            while not workers_of(run) and proc.poll() is None:
+                time.sleep(0.01)
+        else:
+            wait_for_step(run, 5, proc)
+        proc.kill()
+        proc.wait()
+        assert wait_until_no_workers(run, time.monotonic()) < 30, moment
+    latest = CheckpointManager(run / "checkpoints", 3, 0).latest()
+    assert latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= 5
+    proc = subprocess.run([*cmd[:-1], "train.max_steps=12"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_bad_latest_checkpoint_falls_back_and_a_named_one_is_not_retried(demo_shards: Path, tmp_path: Path) -> None:
+    """The run's latest checkpoint cannot be loaded: the previous good one is used, with a
+    warning and an MLflow tag. A checkpoint the user named is not replaced by another: its
+    bad-input error (exit 2) ends the job at once, even with restarts left."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = ("tracking.enabled=true", f"tracking.uri={uri}", "checkpoint.every_steps=2")
+    assert_ok(run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=4", nproc=1))
+    root = tmp_path / "corrupt" / "checkpoints"
+    states = next((root / "step-00000004").glob("*model_states.pt"))
     states.write_bytes(states.read_bytes()[:100])
-    cmd = local_command(tmp_path, "corrupt", demo_shards, "tracking.enabled=false", "train.max_steps=8", nproc=1)
+    proc = run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=6", nproc=1)
+    assert_ok(proc)
+    assert (
+        "warning: cannot load checkpoint" in proc.stdout
+        and f"falling back to the previous checkpoint {root / 'step-00000002'}" in proc.stdout
+    )
+    assert "resumed from" in proc.stdout and "step 2)" in proc.stdout
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).search_experiments()[0].experiment_id)
+    assert run.data.tags["resume.fallback"] == "step-00000004 could not be loaded; resumed from step-00000002"
+    named = root / "step-00000006"
+    states = next(named.glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    cmd = local_command(tmp_path, "corrupt", demo_shards, "tracking.enabled=false", f"train.resume={named}", nproc=1)
     proc = subprocess.run([*cmd, "--max-restarts", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot load checkpoint" in proc.stdout + proc.stderr
@@ -331,10 +425,12 @@ def test_bad_config_fails_before_any_process_starts(demo_shards: Path, tmp_path:
 def test_a_crashing_worker_ends_the_job_with_its_error(demo_shards: Path, tmp_path: Path) -> None:
     cmd = local_command(tmp_path, "crash", demo_shards, "tracking.enabled=false", "optim.epochs=50")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "crash" / "logs" / "rank1.log"
-    deadline = time.time() + 300
+    logs = tmp_path / "crash" / "logs"
+    deadline = time.time() + 300  # until both ranks log and rank 0 has announced the run (start-up done)
     while time.time() < deadline and not (
-        log.exists() and "run crash" in (tmp_path / "crash" / "logs" / "rank0.log").read_text()
+        (logs / "rank1.log").exists()
+        and (logs / "rank0.log").exists()
+        and "run crash" in (logs / "rank0.log").read_text()
     ):
         time.sleep(0.1)
     time.sleep(2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from ..rng import seeded
 from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, batches_per_rank, batches_to_skip, epoch_rng, rank_span, worker_spans
 from .transforms import ModelInput, sample_transform
@@ -173,22 +173,6 @@ class _EpochStream(IterableDataset):
                 with seeded(int(epoch_rng(ld.seed, self.epoch, ld.rank, number).integers(2**63))):
                     yield ld.make_batch(batch, self.return_keys)
                 batch = []
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global RNGs (what timm/torchvision transforms draw
-    from) for the block, restoring their previous states afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def read_labels(urls: list[str]) -> list[tuple[str, int]]:

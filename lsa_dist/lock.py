@@ -1,0 +1,164 @@
+"""One owner per run: a lock in the run folder, released by the kernel when its holder dies.
+
+`run_dir/.owner` is locked with flock(2) by whoever trains into the folder: launch/local.py
+for its whole life (its workers inherit the ownership, told through LSA_DIST_RUN_OWNER), the
+rank-0 task of a SLURM job, or rank 0 of a run started another way (torchrun). The file also
+says who holds it (host, pid, SLURM job, since when), which is what a refused launch prints.
+A launcher's workers also share-lock `.owner.workers`, so that workers still checkpointing
+after their launcher died keep a new launch out until they have exited.
+
+A SLURM job owns its run from submission: the launcher records the job id in the same file,
+and until that job has left the queue, a new launch (local or SLURM) is refused, so that it
+can neither train into the folder nor rewrite the config the queued job will read. The lock
+needs a file system with working flock (local disks, NFSv4; Lustre mounted with -o flock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+
+OWNER_FILE = ".owner"
+WORKERS_FILE = ".owner.workers"  # share-locked by every worker of a launcher that owns the run
+OWNER_ENV = "LSA_DIST_RUN_OWNER"  # set for the workers of a launcher that holds the lock
+QUEUED_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "PREEMPTED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
+
+
+class RunInUseError(CheckpointError):
+    """Another process or a queued SLURM job owns the run folder."""
+
+
+def describe(holder: dict[str, Any]) -> str:
+    who = f"SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else holder.get("what", "a launch")
+    where = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+    return f"{who} ({where}, since {holder.get('since', '?')})"
+
+
+def read_holder(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / OWNER_FILE).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def job_in_queue(job_id: str) -> bool:
+    """Whether a SLURM job is still queued or running (False where squeue cannot tell)."""
+    try:
+        cmd = ["squeue", "-h", "-j", str(job_id), "-o", "%T"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(set(out.stdout.split()) & QUEUED_STATES)
+
+
+class RunLock:
+    """The run folder's lock; `acquire` raises RunInUseError (a one-line user error, exit 2) naming
+    the holder. Held until `release` or the process's death."""
+
+    def __init__(self, run_dir: Path, what: str) -> None:
+        self.run_dir, self.what = Path(run_dir), what
+        self.fd: int | None = None
+
+    def acquire(self, own_job: str = "") -> RunLock:
+        """Take the lock; `own_job` is the SLURM job this process belongs to (its own record is no conflict)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = self._take(own_job)
+        self.record({"slurm_job": own_job} if own_job else {})
+        return self
+
+    def check_free(self) -> None:
+        """RunInUseError if someone owns the run now; takes and changes nothing (a launcher asks
+        first, so that a relaunch of a running run hears that, not what its config would do)."""
+        if (self.run_dir / OWNER_FILE).exists():
+            os.close(self._take(""))
+
+    def _take(self, own_job: str) -> int:
+        fd = os.open(self.run_dir / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(self._message(read_holder(self.run_dir))) from None
+        if not _no_workers_left(self.run_dir):
+            os.close(fd)
+            raise RunInUseError(
+                f"run folder {self.run_dir}: worker processes of an earlier launch are still running in it "
+                "(they checkpoint and exit within 30 s of their launcher's end); try again shortly"
+            )
+        holder = read_holder(self.run_dir)
+        queued = holder.get("slurm_job") and holder.get("slurm_job") != own_job and job_in_queue(holder["slurm_job"])
+        if queued:
+            os.close(fd)
+            raise RunInUseError(self._message(holder, "queued"))
+        return fd
+
+    def record(self, extra: dict[str, Any]) -> None:
+        """Write who holds the lock (and, for a submission, the job that will) into the file."""
+        assert self.fd is not None
+        holder = {
+            "what": self.what,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+    def _message(self, holder: dict[str, Any], state: str = "running") -> str:
+        return (
+            f"run folder {self.run_dir} is in use by {describe(holder)}, {state}; wait for it to end, stop it "
+            "(Ctrl-C, scancel), or give this launch another train.name"
+        )
+
+
+def _no_workers_left(run_dir: Path) -> bool:
+    fd = os.open(Path(run_dir) / WORKERS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def hold_as_worker(run_dir: Path, attempts: int = 100) -> None:
+    """Share-lock the workers' file for this process's life (a launcher checking it holds it
+    exclusively for an instant: retry for a few seconds)."""
+    fd = os.open(Path(run_dir) / WORKERS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return  # the descriptor stays open: released when the process ends
+        except BlockingIOError:
+            time.sleep(0.05)
+    os.close(fd)
