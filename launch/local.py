@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from lsa_dist import cli  # noqa: E402
 from lsa_dist import dist as D  # noqa: E402
 from lsa_dist.config import RunConfig  # noqa: E402
-from lsa_dist.elastic import Echo, Outcome, WorkerExit, run_workers, tail  # noqa: E402
+from lsa_dist.elastic import Echo, Outcome, SurvivingStdout, WorkerExit, run_workers, tail  # noqa: E402
 from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
 from lsa_dist.tracking import RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-timeout", type=int, default=300, help="seconds the workers get to checkpoint after Ctrl-C (300)"
     )
     args = parser.parse_args(argv)
+    sys.stdout = SurvivingStdout(sys.stdout)  # a closed pipe (| head) must not end the run
     flags = {"launch.nproc": args.nproc, "launch.max_restarts": args.max_restarts}
     try:
         cfg = cli.load(args, *(f"{k}={v}" for k, v in flags.items() if v is not None))

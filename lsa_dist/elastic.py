@@ -181,7 +181,6 @@ class Echo:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = path.stat().st_size if path.exists() else 0
-        self.broken = False  # stdout can no longer be written
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -209,13 +208,42 @@ class Echo:
             chunk = f.read()
         if chunk:
             self.offset += len(chunk)
-            if self.broken:
-                return
             try:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
             except OSError:  # a closed pipe (| head) or terminal: the log file still has it all
-                self.broken = True
+                stdout_to_devnull()
+
+
+def stdout_to_devnull() -> None:
+    """Point file descriptor 1 at /dev/null: once a reader of our output has gone (`| head`, a
+    closed terminal), writing on must neither fail nor stop the launcher or its workers."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.close(fd)
+
+
+class SurvivingStdout:
+    """sys.stdout whose writes go to /dev/null once the reader has gone, instead of raising."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            stdout_to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            stdout_to_devnull()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def tail(path: Path, start: int, lines: int = 30) -> list[str]:

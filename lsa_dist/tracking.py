@@ -6,8 +6,10 @@
   database and experiment (several processes creating a fresh sqlite schema at once crash)
   and decides the run: the one recorded in the run's latest checkpoint, or a new one.
 - Metrics are queued and sent in batches from a background thread; if the server cannot be
-  reached, a warning is printed once, metrics are spooled to RUN/mlflow_pending.jsonl and
-  sent when it comes back. Tracking never stops training.
+  reached, a warning is printed once, metrics are appended to RUN/mlflow_pending.jsonl (at
+  most SPOOL_MAX_BYTES) and replayed once when it comes back. Tracking never stops training.
+- Runs end FINISHED, KILLED (stopped on request) or FAILED (crashed: by rank 0 on its way
+  out, or by the local launcher when rank 0 died).
 - Params are the flattened resolved config; values of keys that look secret are redacted,
   and no environment variable is logged.
 """
@@ -231,10 +233,14 @@ class Tracker:
         if self.thread is not None:
             self.thread.join(timeout=60)
         self._flush()
-        self._call(lambda: self.client.set_terminated(self.run_id, status=status))
+        self._call(lambda: self.client.set_terminated(self.run_id, status=status), always=True)
 
     # -- delivery -----------------------------------------------------------------------------
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Any, always: bool = False) -> Any:
+        """Run one MLflow call; after a failure (an outage) the next ones are skipped at once,
+        not each paid with MLflow's retries, until a flush gets through again."""
+        if self.warned and not always:
+            return None
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - tracking must never stop training

@@ -308,6 +308,20 @@ def test_no_worker_outlives_a_killed_launcher(demo_shards: Path, tmp_path: Path)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_closed_stdout_does_not_stop_the_run(demo_shards: Path, tmp_path: Path) -> None:
+    """The launcher's reader goes away after one line (`| head -1`): training carries on to the
+    end, with exit 0 and its output in the run's logs."""
+    cmd = local_command(tmp_path, "piped", demo_shards, "tracking.enabled=false", "train.max_steps=6", nproc=1)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, err[-3000:]
+    assert "Traceback" not in err and (tmp_path / "piped" / "model.pt").is_file()
+    assert "done:" in (tmp_path / "piped" / "logs" / "rank0.log").read_text()
+
+
 def test_a_bad_latest_checkpoint_falls_back_and_a_named_one_is_not_retried(demo_shards: Path, tmp_path: Path) -> None:
     """The run's latest checkpoint cannot be loaded: the previous good one is used, with a
     warning and an MLflow tag. A checkpoint the user named is not replaced by another: its
