@@ -8,6 +8,9 @@
 - Metrics are queued and sent in batches from a background thread; if the server cannot be
   reached, a warning is printed once, metrics are appended to RUN/mlflow_pending.jsonl (at
   most SPOOL_MAX_BYTES) and replayed once when it comes back. Tracking never stops training.
+- A server that is down at launch costs one bounded attempt (no retries, a 10 s timeout): the
+  run id is then PENDING, rank 0 trains at once and creates (or continues) the run when the
+  server answers, sending the params, tags and artifacts it held back and the spooled metrics.
 - Runs end FINISHED, KILLED (stopped on request) or FAILED (crashed: by rank 0 on its way
   out, or by the local launcher when rank 0 died).
 - Params are the flattened resolved config; values of keys that look secret are redacted,
@@ -34,6 +37,8 @@ from .config import RunConfig, flatten
 SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
 REDACTED = "***"
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
+PENDING = "pending"  # the run is created by rank 0 once the server answers
+SPOOL_NAME = "mlflow_pending.jsonl"
 SPOOL_MAX_BYTES = 64 << 20  # metrics kept through an outage: about a million values
 
 
@@ -58,8 +63,9 @@ def redact(params: dict[str, Any]) -> dict[str, str]:
 
 def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
     # an unreachable server must cost seconds, not MLflow's default minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # (a failed send is spooled and sent later, so retrying it here only delays training)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -78,36 +84,43 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
 def prepare(cfg: RunConfig, run_id: str = "") -> str:
     """Create database, experiment and (unless `run_id` continues one) the run; returns the run id.
 
-    Returns "" when tracking is disabled or the backend cannot be reached (with a warning).
+    Returns "" when tracking is disabled and PENDING (with a warning) when the backend cannot be
+    reached: the run is then created by rank 0's Tracker when it can be.
     """
     if not cfg.tracking.enabled:
         return ""
     uri = tracking_uri(cfg)
     try:
-        client = _client(uri)
-        experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
-        if run_id:
-            try:
-                run = client.get_run(run_id)
-                if run.info.lifecycle_stage != "deleted":
-                    client.update_run(run_id, status="RUNNING")
-                    return run_id
-            except Exception:  # noqa: BLE001 - a run id from another backend: start a new run
-                warnings.warn(f"MLflow run {run_id} not found at {uri}; starting a new run", stacklevel=2)
-        run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or cfg.train.name)
-        return run.info.run_id
+        return _open_run(cfg, uri, run_id)
     except Exception as err:  # noqa: BLE001
         print(
-            f"warning: MLflow at {uri} is unreachable ({_first_line(err)}); training continues untracked",
+            f"warning: MLflow at {uri} is unreachable ({_first_line(err)}); training starts now and the run "
+            f"is created when the server answers (metrics wait in {cfg.run_dir / SPOOL_NAME})",
             file=sys.stderr,
         )
-        return ""
+        return PENDING
+
+
+def _open_run(cfg: RunConfig, uri: str, run_id: str) -> str:
+    """Continue run `run_id` (marked RUNNING again) or create a new one; raises if unreachable."""
+    client = _client(uri)
+    experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+    if run_id and run_id != PENDING:
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage != "deleted":
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+        except Exception:  # noqa: BLE001 - a run id from another backend: start a new run
+            warnings.warn(f"MLflow run {run_id} not found at {uri}; starting a new run", stacklevel=3)
+    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or cfg.train.name)
+    return run.info.run_id
 
 
 def end_run(cfg: RunConfig, run_id: str, status: str) -> None:
     """Mark a run ended from outside its workers (a launcher whose rank 0 died: SIGKILL, OOM),
     unless it already ended; tracking problems are ignored here."""
-    if not (cfg.tracking.enabled and run_id):
+    if not (cfg.tracking.enabled and run_id) or run_id == PENDING:
         return
     try:
         client = _client(tracking_uri(cfg))
@@ -118,8 +131,8 @@ def end_run(cfg: RunConfig, run_id: str, status: str) -> None:
 
 
 def run_id_for(cfg: RunConfig, previous: str) -> str:
-    """The MLflow run a worker logs to: the one its launcher prepared ($LSA_MLFLOW_RUN_ID), else
-    one prepared here (a single process, or rank 0 under a plain torchrun)."""
+    """The MLflow run a worker logs to: the one its launcher prepared ($LSA_MLFLOW_RUN_ID; PENDING
+    if the server was down), else one prepared here (one process, or rank 0 under torchrun)."""
     return os.environ.get(RUN_ID_ENV) or prepare(cfg, previous)
 
 
@@ -164,15 +177,26 @@ def system_info(world_size: int, num_nodes: int, dataset_sha: str) -> dict[str, 
 
 
 class Tracker:
-    """The rank-0 side of an MLflow run. All methods are safe to call when disabled."""
+    """The rank-0 side of an MLflow run. All methods are safe to call when disabled.
 
-    def __init__(self, cfg: RunConfig, run_id: str, spool: Path, flush_every_s: float = 5.0) -> None:
-        self.run_id = run_id
+    With run_id PENDING (the server was down at launch) the run is opened by the background
+    thread once the server answers: `previous` (the checkpoint's run) is continued, else a new
+    run is created; the calls made meanwhile are then replayed in order.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, run_id: str, spool: Path, flush_every_s: float = 5.0, previous: str = ""
+    ) -> None:
+        self.cfg = cfg
         self.enabled = bool(run_id)
+        self.run_id = "" if run_id == PENDING else run_id
+        self.previous = previous
         self.uri = tracking_uri(cfg)
         self.spool = spool
-        self.warned = False
+        self.warned = run_id == PENDING  # the launcher (or prepare here) has said so already
         self.dropped = 0  # metrics that did not fit in the spool
+        self.held: list[Any] = []  # calls made before the run exists
+        self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue()
         self.flush_every_s = flush_every_s
         self.closed = threading.Event()
@@ -184,14 +208,17 @@ class Tracker:
 
     # -- what training calls ------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+        """Params not yet in the run (a continued run keeps its first values)."""
+        if self.enabled:
+            self._call(lambda: self._log_new_params(redact(params)))
+
+    def _log_new_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        existing = self._call(lambda: self.client.get_run(self.run_id).data.params) or {}
-        fresh = [Param(k, v) for k, v in redact(params).items() if k not in existing]
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(fresh), 100):
-            self._call(lambda chunk=fresh[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
 
     def log_config(self, cfg: RunConfig) -> None:
         self.log_params(flatten(cfg))
@@ -233,12 +260,23 @@ class Tracker:
         if self.thread is not None:
             self.thread.join(timeout=60)
         self._flush()
+        if not self.run_id:
+            print(
+                f"warning: MLflow at {self.uri} never answered: the run's metrics are kept in {self.spool}; "
+                "run the same command again when it is back to send them",
+                file=sys.stderr,
+            )
+            return
         self._call(lambda: self.client.set_terminated(self.run_id, status=status), always=True)
 
     # -- delivery -----------------------------------------------------------------------------
     def _call(self, fn: Any, always: bool = False) -> Any:
         """Run one MLflow call; after a failure (an outage) the next ones are skipped at once,
         not each paid with MLflow's retries, until a flush gets through again."""
+        with self.lock:
+            if not self.run_id:  # held until the run exists
+                self.held.append(fn)
+                return None
         if self.warned and not always:
             return None
         try:
@@ -271,6 +309,9 @@ class Tracker:
                 pending.append(self.queue.get_nowait())
             except queue.Empty:
                 break
+        if not self._opened():
+            self._spool(pending)
+            return
         if not pending and not (self.spool.is_file() and not self.warned):
             return
         try:
@@ -284,6 +325,23 @@ class Tracker:
             self._spool(pending)
             return
         self._replay()
+
+    def _opened(self) -> bool:
+        """Whether the run exists; if it is PENDING, one bounded attempt to open it now and, when
+        that works, the held calls in the order they were made."""
+        if self.run_id:
+            return True
+        try:
+            run_id = _open_run(self.cfg, self.uri, self.previous)
+        except Exception:  # noqa: BLE001 - still down
+            return False
+        with self.lock:
+            self.run_id, held, self.held = run_id, self.held, []
+        self.warned = False
+        print(f"MLflow at {self.uri} is back: run {run_id}", file=sys.stderr)
+        for fn in held:
+            self._call(fn)
+        return True
 
     def _spool(self, pending: list[tuple]) -> None:
         self.spool.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
 from .sinks import Console, MetricsFile, Sinks, metrics_line
-from .tracking import Tracker, run_id_for, system_info
+from .tracking import SPOOL_NAME, Tracker, run_id_for, system_info
 
 # USR2: SLURM's warning (submitit); HUP: the terminal or session went away
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -269,11 +269,12 @@ class Trainer:
     def _tracker(self) -> Tracker:
         """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags, config."""
         cfg = self.cfg
-        spool = self.run_dir / "mlflow_pending.jsonl"
+        spool = self.run_dir / SPOOL_NAME
         if not self.env.is_main:
             return Tracker(cfg, "", spool)
-        self.state.run_id = run_id_for(cfg, self.state.run_id)
-        tracker = Tracker(cfg, self.state.run_id, spool)
+        previous = self.state.run_id
+        tracker = Tracker(cfg, run_id_for(cfg, previous), spool, previous=previous)
+        self.state.run_id = tracker.run_id or previous  # a PENDING run is recorded once it exists
         if tracker.enabled:
             tracker.log_config(cfg)
             tags = system_info(self.env.world_size, self.env.num_nodes, self.state.dataset_sha256)
@@ -383,6 +384,7 @@ class Trainer:
         if self.saved_step == self.state.step:
             return
         extra = {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+        self.state.run_id = self.sinks.tracker.run_id or self.state.run_id  # opened late if the server was down
         self.checkpoints.save(self.engine, self.state, self.config_yaml, extra)
         self.saved_step = self.state.step
 
@@ -482,12 +484,13 @@ class Trainer:
 
     # -- start and end ------------------------------------------------------------------------
     def _announce(self) -> None:
-        cfg, e = self.cfg, self.cfg.engine
+        cfg, e, tracker = self.cfg, self.cfg.engine, self.sinks.tracker
+        mlflow = tracker.run_id or ("pending (server down)" if tracker.enabled else "off")
         self.console.say(
             f"run {cfg.train.name}: {cfg.model.name} ({self.num_params / 1e6:.2f} M params, "
             f"{self.macs / 1e9:.2f} GMAC/image), {self.env.world_size} ranks x batch {cfg.data.batch_size}, "
             f"{self.steps_per_epoch} steps/epoch, {e.backend} ZeRO-{e.zero_stage} {e.precision}"
-            f"{', compiled' if e.compile else ''}, MLflow run {self.state.run_id or 'off'}; output in {self.run_dir}"
+            f"{', compiled' if e.compile else ''}, MLflow run {mlflow}; output in {self.run_dir}"
         )
 
     def evaluate_only(self) -> Result:
@@ -512,6 +515,7 @@ class Trainer:
             )
         self.sinks.tracker.finish("FINISHED" if status == "finished" else "KILLED")
         s = self.state
+        s.run_id = self.sinks.tracker.run_id or s.run_id
         return Result(
             status, s.epoch, s.step, self.last_metrics, checkpoint, s.run_id, str(self.run_dir), self.stop.signal
         )

@@ -19,7 +19,7 @@ from helpers import local_command, run_local, worker_of_rank
 from PIL import Image
 
 from lsa_dist.config import RunConfig
-from lsa_dist.tracking import REDACTED, Tracker, prepare, redact
+from lsa_dist.tracking import PENDING, REDACTED, Tracker, prepare, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,37 +78,36 @@ def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_s
     assert sorted(m.step for m in history) == list(range(1, 21))
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path: Path):
-    """A real `mlflow server` on 127.0.0.1, with its own sqlite backend and artifact folder."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-    cmd += [
-        "--artifacts-destination",
-        str(tmp_path / "server-artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port`, with its own sqlite backend and artifact folder."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(folder / "server-artifacts")]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
         except OSError:
             time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-    yield url, proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not start")
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server`, stopped after the test."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path, port)
+    yield f"http://127.0.0.1:{port}", proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -137,6 +136,55 @@ def test_server_backend_and_server_down_mid_run(demo_shards: Path, tmp_path: Pat
     assert spool.is_file() and len(spool.read_text().splitlines()) > 10  # kept for later
 
 
+@pytest.mark.slow
+def test_server_down_at_launch_the_run_is_created_when_it_is_back(demo_shards: Path, tmp_path: Path) -> None:
+    """No server at launch: training starts at once (one attempt, no retries), the run is created
+    when the server comes up mid-run, with the params, tags, artifacts and every metric held back
+    meanwhile; the checkpoint records it and a relaunch continues that same run."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = local_command(tmp_path, "late", demo_shards, f"tracking.uri={url}", "optim.epochs=20")
+    training = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "late" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train/loss"') < 3):
+        time.sleep(0.2)
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        deadline, found = time.time() + 120, []
+        while time.time() < deadline and not found:
+            found = runs_named(url, "late") if client(url).get_experiment_by_name("lsa_demo") else []
+            time.sleep(0.5)
+        assert found, "the run was never created"
+        training.send_signal(signal.SIGINT)  # a stop: checkpoint, exit 3
+        out, err = training.communicate(timeout=300)
+        assert training.returncode == 3, err[-3000:]
+        assert (out + err).count("is unreachable") == 1 and "is back: run" in out + err
+        (run,) = runs_named(url, "late")
+        assert run.info.status == "KILLED"
+        assert run.data.params["optim.lr"] == "0.002" and run.data.tags["sys.world_size"] == "2"
+        assert "config.yaml" in {a.path for a in client(url).list_artifacts(run.info.run_id)}
+        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train/loss"' in line]
+        history = sorted(m.step for m in client(url).get_metric_history(run.info.run_id, "train/loss"))
+        assert history == sorted(logged) and history[0] == 1  # the steps before the server came up too
+        assert not (tmp_path / "late" / "mlflow_pending.jsonl").exists()
+        checkpoints = tmp_path / "late" / "checkpoints"
+        latest = json.loads((checkpoints / (checkpoints / "latest").read_text() / "meta.json").read_text())
+        assert latest["run_id"] == run.info.run_id
+
+        again = train(tmp_path, "late", demo_shards, url, "optim.epochs=20", "train.max_steps=" + str(max(logged) + 3))
+        assert again.returncode == 0, again.stderr[-3000:]
+        (run,) = runs_named(url, "late")
+        assert run.info.status == "FINISHED"
+        history = sorted(m.step for m in client(url).get_metric_history(run.info.run_id, "train/loss"))
+        assert history[-1] == max(logged) + 3
+    finally:
+        if training.poll() is None:
+            training.kill()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def test_secrets_are_redacted() -> None:
     params = redact({"tracking.api_key": "abc", "data.token_url": "x", "db.password": "p", "optim.lr": 0.1})
     assert params == {
@@ -154,7 +202,7 @@ def test_unreachable_backend_never_stops_training(tmp_path: Path, capsys: pytest
 
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        assert prepare(cfg) == ""
+        assert prepare(cfg) == PENDING
         assert "unreachable" in capsys.readouterr().err
         tracker = Tracker(cfg, "0" * 32, tmp_path / "pending.jsonl", flush_every_s=0.1)
         tracker.log_metrics({"train/loss": 1.0}, step=1)
