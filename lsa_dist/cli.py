@@ -16,9 +16,9 @@ import torch
 
 from .checkpoint import CheckpointError, check_compatible, check_resumable, checkpoint_to_resume
 from .config import ConfigError, RunConfig, flatten, load_config, to_yaml
-from .data import DatasetError, load_dataset_info
+from .data import DatasetError, dataset_identity, load_dataset_info
 from .dist import check_precision
-from .fs import atomic_write_text, sha256_file
+from .fs import atomic_write_text
 from .tracking import prepare
 
 EXIT_OK = 0
@@ -69,13 +69,10 @@ def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware
     previous = check_resumable(cfg.run_dir, cfg.train.resume, world_size, cfg.train.overwrite)
     folder = checkpoint_to_resume(cfg.run_dir, cfg.train.resume)
     if folder is not None:
-        check_compatible(folder, flatten(cfg), dataset_checksum(cfg) if dataset else "", cfg.train.accept_changes)
+        check_compatible(
+            folder, flatten(cfg), dataset_identity(cfg.data.root) if dataset else "", cfg.train.accept_changes
+        )
     return previous
-
-
-def dataset_checksum(cfg: RunConfig) -> str:
-    """sha256 of the dataset's dataset.json: the dataset's identity for resume and tracking."""
-    return sha256_file(Path(cfg.data.root) / "dataset.json")
 
 
 def prepare_run(cfg: RunConfig, previous_run_id: str, config_name: str) -> tuple[Path, str]:

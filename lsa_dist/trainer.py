@@ -35,10 +35,10 @@ from .checkpoint import (
     set_aside,
 )
 from .config import ConfigError, RunConfig, flatten, model_overrides, to_yaml
-from .data import build_loader, load_dataset_info
+from .data import build_loader, dataset_identity, load_dataset_info
 from .data.transforms import build_mixup
 from .engine import PRECISIONS, StepInfo, build_engine
-from .fs import atomic_write_text, sha256_file
+from .fs import atomic_write_text
 from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
@@ -196,7 +196,7 @@ class Trainer:
             self._start_lineage()
             restarted = None
         folder = restarted or checkpoint_to_resume(self.run_dir, self.cfg.train.resume)
-        dataset_sha = sha256_file(Path(self.cfg.data.root) / "dataset.json")
+        dataset_sha = dataset_identity(self.cfg.data.root)
         if folder is not None:
             accepted = check_compatible(folder, flatten(self.cfg), dataset_sha, self.cfg.train.accept_changes)
             configured_lrs = self.engine.base_lrs()
@@ -235,8 +235,12 @@ class Trainer:
         MLflow tag, `resume.fallback`). Every rank ends on the same checkpoint."""
         older = [c for c in self.checkpoints.complete() if c.name < folder.name] if fall_back else []
         candidates = [folder, *reversed(older)]
+        error: CheckpointError | None = None
         for i, candidate in enumerate(candidates):
-            error: CheckpointError | None = None
+            if i:
+                reason = str(error) if error else "it failed on another rank"
+                self.console.say(f"warning: {reason}; falling back to the previous checkpoint {candidate}")
+            error = None
             try:
                 self.state, client_state = self.checkpoints.load(self.engine, candidate)
             except CheckpointError as err:
@@ -248,11 +252,7 @@ class Trainer:
                         set_aside(self.run_dir, candidates[:i])
                     D.barrier()
                 return candidate, client_state
-            if i + 1 == len(candidates):
-                raise error or CheckpointError(f"cannot load checkpoint {candidate} on another rank; see its log")
-            reason = str(error) if error else "it failed on another rank"
-            self.console.say(f"warning: {reason}; falling back to the previous checkpoint {candidates[i + 1]}")
-        raise AssertionError("unreachable")
+        raise error or CheckpointError(f"cannot load checkpoint {candidates[-1]} on another rank; see its log")
 
     def _start_lineage(self) -> None:
         """At launch: refuse to mix a new lineage into the run's checkpoints (train.resume=never

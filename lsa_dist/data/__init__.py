@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from ..config import DataConfig
-from .dataset import DatasetError, DatasetInfo, load_dataset_info
+from .dataset import DatasetError, DatasetInfo, dataset_identity, load_dataset_info
 from .plan import PAD_LABEL
 
 
@@ -47,4 +47,12 @@ def build_loader(
     raise DatasetError(f"data.format must be 'wds' or 'ffcv', got {cfg.format!r}")
 
 
-__all__ = ["PAD_LABEL", "BatchLoader", "DatasetError", "DatasetInfo", "build_loader", "load_dataset_info"]
+__all__ = [
+    "PAD_LABEL",
+    "BatchLoader",
+    "DatasetError",
+    "DatasetInfo",
+    "build_loader",
+    "dataset_identity",
+    "load_dataset_info",
+]

@@ -108,6 +108,11 @@ def _check_file(path: Path, size: int | None, sha256: str | None) -> None:
         raise DatasetError(f"{path} does not match its checksum in dataset.json: the file is corrupt")
 
 
+def dataset_identity(root: str | Path) -> str:
+    """sha256 of ROOT/dataset.json: the dataset's identity for resume checks and tracking."""
+    return sha256_file(Path(root) / DATASET_FILE)
+
+
 def load_dataset_info(root: str | Path) -> DatasetInfo:
     """Read and sanity-check ROOT/dataset.json."""
     root = Path(root)
