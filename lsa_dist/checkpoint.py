@@ -362,3 +362,66 @@ def load_model_file(path: str | Path) -> torch.nn.Module:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load model file {path}: {first}") from err
     return model
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = CheckpointManager(root, 1, 0).latest()
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"{path} holds no complete checkpoint (looked for {META} and checkpoints/latest)")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights to start a run from (model.init_from): a model file (a run's model.pt, an
+    export) or a checkpoint of any engine and ZeRO stage (its folder, or a run folder's latest)."""
+    path = Path(path)
+    if path.is_dir():
+        return export_fp32(find_checkpoint(path))[0]
+    if not path.is_file():
+        raise CheckpointError(f"model.init_from: {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"model.init_from: cannot read {path}: {first}") from err
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"model.init_from: {path} holds no weights (want a model.pt, an export, a checkpoint)")
+    return {k: v.float() for k, v in state.items()}
+
+
+def init_model_from(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Load the weights at `path` into `model` to fine-tune it: positional tables resampled to
+    its image size, and the classifier left freshly initialised if the number of classes
+    differs. Returns what was adapted; CheckpointError naming the first weight that does not fit."""
+    from .models import fit_pos_tables
+
+    own = model.state_dict()
+    given = read_weights(path)
+    state = fit_pos_tables(given, model)
+    notes = []
+    if any(state[k] is not given[k] for k in state):
+        notes.append(f"positional tables resampled to {model.cfg.image_size} px")
+    new_head = "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        notes.append(f"a new head for {own['head.weight'].shape[0]} classes")
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"model.init_from: {path}'s {key} has shape {tuple(value.shape)}, this model's "
+                f"{tuple(own[key].shape)}: another architecture (check model.name and model.options)"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (new_head and k.startswith("head."))]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"model.init_from: {path} does not fit model {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    return notes

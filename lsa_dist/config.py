@@ -67,6 +67,9 @@ class ModelSection:
     drop_path_rate: float = 0.1
     drop_path_mode: str = "uniform"  # uniform (the paper's code) | linear
     official_checkpoint: str = ""  # start from weights released with the paper (same variant)
+    # start from weights trained here: a model.pt, an export, or a checkpoint (or run) folder of any
+    # stage; another num_classes gets a new head, another image size resampled positional tables
+    init_from: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # any other LSAConfig field, e.g. widths
 
 
@@ -267,6 +270,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither auto, never, nor a checkpoint folder")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last: must be at least 1")
+    if cfg.model.init_from and cfg.model.official_checkpoint:
+        raise ConfigError("model.init_from: set either it or model.official_checkpoint, not both")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} does not exist")
     _validate_model(cfg)
 
 
@@ -290,8 +297,10 @@ def _validate_model(cfg: RunConfig) -> None:
 
 
 def model_overrides(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
-    """The LSAConfig fields this run changes from the named variant."""
+    """The LSAConfig fields this run changes from the named variant; the model is built for
+    data.image_size unless model.options names another size."""
     return {
+        "image_size": cfg.data.image_size,
         **dict(cfg.model.options),
         "num_classes": num_classes,
         "drop_path_rate": cfg.model.drop_path_rate,

@@ -222,11 +222,24 @@ class DeepSpeedEngine(_EngineBase):
         return client_state
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights the optimizer holds (under bf16/fp16 the module's are casts of
+        them), gathered from every ZeRO partition; buffers from the module. A collective."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
+        master = {}
+        for name, param in self.module.named_parameters():
+            value = safe_get_full_fp32_param(param)  # None where the module's own tensor is the master
+            if value is not None:
+                master[name] = value.detach().float().cpu()
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.engine.zero_stage == 3):
-            return self._whole_state_dict() if dist.get_rank() == 0 else None
+            whole = self._whole_state_dict() if dist.get_rank() == 0 else None
+        if whole is not None:
+            missing = set(master) - set(whole)
+            assert not missing, f"master weights without a state-dict entry: {sorted(missing)[:3]}"
+            whole.update(master)
+        return whole
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

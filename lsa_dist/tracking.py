@@ -248,8 +248,14 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(model, name=name, registered_model_name=register_as or None)
+            try:
+                with mlflow.start_run(run_id=self.run_id):
+                    # pickle: MLflow's default (a traced pt2 graph) would fix the batch size
+                    mlflow.pytorch.log_model(
+                        model, name=name, registered_model_name=register_as or None, serialization_format="pickle"
+                    )
+            except Exception as err:  # noqa: BLE001 - the weights are in model.pt either way
+                print(f"warning: the model was not logged to MLflow ({_first_line(err)})", file=sys.stderr)
 
         self._call(log)
 

@@ -30,6 +30,7 @@ from .checkpoint import (
     check_compatible,
     check_lineage,
     checkpoint_to_resume,
+    init_model_from,
     lineage_conflict,
     save_model_file,
     set_aside,
@@ -176,6 +177,9 @@ class Trainer:
         cfg = self.cfg
         overrides = model_overrides(cfg, self.num_classes)
         model = create_model(cfg.model.name, cfg.model.official_checkpoint or None, **overrides)
+        if cfg.model.init_from:
+            notes = init_model_from(model, cfg.model.init_from)
+            self.console.say(f"initialised from {cfg.model.init_from}{''.join(f'; {n}' for n in notes)}")
         self.model_config = dict(model.cfg.__dict__)
         self.macs, self.num_params = count_macs(model), count_parameters(model)  # before ZeRO-3 partitions it
         self.engine = build_engine(cfg, model, self.steps_per_epoch, self.env.world_size, self.device)

@@ -20,14 +20,16 @@ from lsa_dist.checkpoint import (
     check_lineage,
     check_resumable,
     export_fp32,
+    init_model_from,
     lineage_conflict,
     read_meta,
+    save_model_file,
     set_aside,
 )
 from lsa_dist.config import flatten, load_config
 from lsa_dist.dist import free_port
 from lsa_dist.engine import Engine, build_engine
-from lsa_dist.models import create_model
+from lsa_dist.models import create_model, resize_pos_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.options.widths=[16,16]", "model.options.heads=[2,2]", "model.options.depths=[1,1]"]
@@ -217,3 +219,47 @@ def to_yaml_of(flat: dict) -> str:
             node = node.setdefault(part, {})
         node[leaf] = value
     return yaml.safe_dump(tree)
+
+
+def test_init_from_a_model_file_or_a_checkpoint_with_a_new_head_and_size(process_group, tmp_path: Path) -> None:
+    """model.init_from: every weight carried over; another image size resamples the positional
+    tables, another number of classes leaves a fresh head; a checkpoint folder (or its run
+    folder) gives the same weights as the engine held; what does not fit is one clear error."""
+    options = {"widths": (16, 16), "heads": (2, 2), "depths": (1, 1)}
+    torch.manual_seed(0)
+    source = create_model("lsa_cifar_tiny", num_classes=5, **options)
+    save_model_file(tmp_path / "model.pt", dict(source.cfg.__dict__), source.state_dict())
+    target = create_model("lsa_cifar_tiny", num_classes=10, image_size=40, **options)
+    fresh_head = target.head.weight.detach().clone()
+    notes = init_model_from(target, tmp_path / "model.pt")
+    assert notes == ["positional tables resampled to 40 px", "a new head for 10 classes"]
+    mine, theirs = target.state_dict(), source.state_dict()
+    for key, value in theirs.items():
+        if key.endswith("pos_embed"):
+            grid, new = (
+                (32, 32) if key.startswith("patch") else (16, 16),
+                (40, 40) if key.startswith("patch") else (20, 20),
+            )
+            assert torch.equal(mine[key], resize_pos_table(value, grid, new)), key
+        elif not key.startswith("head."):
+            assert torch.equal(mine[key], value), key
+    assert torch.equal(target.head.weight, fresh_head)
+
+    engine = make_engine(0)
+    train_one_step(engine)
+    folder = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=1, rank=0).save(
+        engine, TrainState(step=1), ""
+    )
+    for path in (folder, tmp_path / "run"):
+        model = make_engine(1).module
+        assert init_model_from(model, path) == []
+        assert all(torch.equal(v, engine.full_state_dict()[k]) for k, v in model.state_dict().items())
+
+    wider = create_model("lsa_cifar_tiny", num_classes=10, widths=(24, 24), heads=(2, 2), depths=(1, 1))
+    with pytest.raises(CheckpointError, match=r"model.init_from: .*model.pt's \S+ has shape .*another architecture"):
+        init_model_from(wider, tmp_path / "model.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match=r"model.init_from: cannot read .*junk.pt"):
+        init_model_from(target, tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match=r"model.init_from: .*missing.pt does not exist"):
+        init_model_from(target, tmp_path / "missing.pt")

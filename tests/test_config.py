@@ -45,7 +45,15 @@ def test_overrides_are_typed_and_win_over_the_file() -> None:
         (["optim.ema_decay=0.9", "engine.zero_stage=3"], "optim.ema_decay: EMA needs whole parameters"),
         (["train.resume=/nowhere/step-1"], "train.resume: '/nowhere/step-1' is neither auto, never"),
         (["model.options.heads=[3,3,3]"], "model.options.heads: stage 0: width 64 is not divisible by 3 heads"),
-        (["data.image_size=64"], "data.image_size: 64 but model lsa_cifar_tiny takes 32 px images"),
+        (
+            ["data.image_size=64", "model.options.image_size=32"],
+            "data.image_size: 64 but model lsa_cifar_tiny takes 32 px images",
+        ),
+        (["model.init_from=/nowhere/model.pt"], "model.init_from: /nowhere/model.pt does not exist"),
+        (
+            ["model.init_from=configs", "model.official_checkpoint=x.pth"],
+            "model.init_from: set either it or model.official_checkpoint",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_naming_the_key(overrides: list[str], message: str) -> None:

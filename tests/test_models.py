@@ -18,9 +18,11 @@ from lsa_dist.models import (
     count_macs,
     count_parameters,
     create_model,
+    fit_pos_tables,
     from_official,
     list_models,
     model_config,
+    resize_pos_table,
 )
 from lsa_dist.models.reference import reference_forward
 
@@ -271,25 +273,58 @@ def test_shift_modes_build_the_documented_copies() -> None:
     assert torch.equal(roll, torch.roll(image[..., :16, :16], shifts=(-1, 2), dims=(2, 3)))
 
 
-def test_wrong_image_size_is_a_clear_error() -> None:
-    model = create_model("lsa_cifar_tiny")
-    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 32, 32\), got \(1, 3, 64, 64\)"):
-        model(torch.randn(1, 3, 64, 64))
+def test_a_model_runs_at_any_input_size_with_resampled_positional_tables() -> None:
+    """Called at another size, the positional tables are resampled (bicubic on the token grid):
+    the same logits as a model built for that size from the resampled weights; at its own size
+    nothing is resampled."""
+    patchified = LSAConfig(image_size=56, widths=(16, 16, 16), heads=(2, 2, 2), depths=(1, 1, 1))  # 9/7/1, pad shifts
+    for cfg in (SMALL_IMAGENET, SMALL_CIFAR, patchified):
+        torch.manual_seed(0)
+        model = LSA(cfg).eval()
+        for size in (cfg.image_size - 4, cfg.image_size + 5, 2 * cfg.image_size):  # 61 px: copies cut
+            images = torch.randn(2, 3, size, size)
+            built = LSA(LSAConfig(**{**cfg.__dict__, "image_size": size})).eval()
+            built.load_state_dict(fit_pos_tables(model.state_dict(), built))
+            with torch.no_grad():
+                called, native = model(images), built(images)
+            assert called.shape == (2, cfg.num_classes) and torch.isfinite(called).all()
+            torch.testing.assert_close(called, native, atol=1e-6, rtol=0)
+        images = torch.randn(2, 3, cfg.image_size, 2 * cfg.image_size)  # not square either
+        with torch.no_grad():
+            assert model(images).shape == (2, cfg.num_classes)
+    table = torch.randn(3, 16, 8)
+    assert resize_pos_table(table, (4, 4), (4, 4)) is table
+    torch.testing.assert_close(
+        resize_pos_table(resize_pos_table(table, (4, 4), (8, 8)), (8, 8), (4, 4)), table, atol=0.3, rtol=0
+    )  # smooth resampling, not a shuffle
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\) with H, W >= 7"):
+        LSA(patchified)(torch.randn(1, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\)"):
+        create_model("lsa_cifar_tiny")(torch.randn(1, 1, 32, 32))
 
 
-def test_a_config_that_cannot_tile_is_a_clear_error() -> None:
-    # With kernel 9 / stride 7 / padding 1, a 233 px copy gives 33 tokens per side and a
-    # 230 px image 32: the shifted copies would not line up with the image's grid.
-    with pytest.raises(ModelConfigError, match=r"model.image_size: 230px does not tile"):
-        model_config("lsa_tiny", image_size=230)
-    with pytest.raises(ModelConfigError, match=r"model.heads: stage 0: width 192 is not divisible by 5 heads"):
-        model_config("lsa_tiny", heads=(5, 4, 4, 4))
-    with pytest.raises(ModelConfigError, match=r"model.depths: has 3 entries but widths has 4 stages"):
-        model_config("lsa_tiny", depths=(2, 4, 4))
-    with pytest.raises(ModelConfigError, match=r"model.shifts: the first shift must be \(0, 0\)"):
-        model_config("lsa_tiny", shifts=((0, 1), (0, 0)))
-    with pytest.raises(ModelConfigError, match=r"must be >= 0; use shift_mode=roll"):
-        model_config("lsa_tiny", shifts=((0, 0), (-1, 0)))
+@pytest.mark.parametrize("size", [160, 256, 384])
+def test_imagenet_models_build_at_other_sizes_and_take_224_weights(size: int) -> None:
+    base = create_model("lsa_tiny", depths=(1, 1, 1, 1)).eval()
+    model = create_model("lsa_tiny", depths=(1, 1, 1, 1), image_size=size).eval()
+    model.load_state_dict(fit_pos_tables(base.state_dict(), model))
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), base(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_official_weights_load_at_other_sizes(name: str) -> None:
+    """An official release keeps its logits at its own size (above) and loads at others (the
+    fixtures are small: 56 px stands for 224, so 40/64/96 for 160/256/384)."""
+    fixture = load_fixture(name)
+    own = from_official(fixture["config"], fixture["state_dict"]).eval()
+    for ratio in (160, 256, 384):
+        size = round(own.cfg.image_size * ratio / 224)
+        model = from_official(fixture["config"], fixture["state_dict"], image_size=size).eval()
+        images = torch.nn.functional.interpolate(fixture["input"], size=(size, size), mode="bicubic")
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), own(images), atol=1e-5, rtol=0)
 
 
 def test_unknown_names_are_clear_errors() -> None:

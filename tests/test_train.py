@@ -17,8 +17,9 @@ import pytest
 import torch
 from helpers import PAPER_RECIPE, local_command, worker_of_rank
 
-from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file
+from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file, save_model_file
 from lsa_dist.dist import cpu_has_fp16
+from lsa_dist.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -393,23 +394,35 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(demo_shar
     assert not list(root.glob(".staging/step-*"))  # the partial checkpoints were cleared
 
 
-def test_zero3_checkpoint_exports_to_a_plain_model(demo_shards: Path, tmp_path: Path) -> None:
-    assert_ok(
-        run_local(tmp_path, "z3", demo_shards, "engine.zero_stage=3", "engine.precision=fp32", "train.max_steps=10")
-    )
-    run = tmp_path / "z3"
-    export = tmp_path / "exported.pt"
-    proc = subprocess.run(
-        [sys.executable, "tools/export_checkpoint.py", str(run), "--out", str(export)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    exported, trained = load_model_file(export).eval(), load_model_file(run / "model.pt").eval()
+def test_bf16_runs_export_their_fp32_master_weights_and_register_under_zero3(demo_shards: Path, tmp_path: Path) -> None:
+    """Under bf16 the module holds casts; model.pt must hold the optimizer's fp32 master weights:
+    the same tensors that tools/export_checkpoint.py (DeepSpeed's zero_to_fp32) reads from the
+    final checkpoint, for ZeRO-1 and ZeRO-3. Under ZeRO-3 the registered MLflow model is whole."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for stage in (1, 3):
+        run = tmp_path / f"z{stage}"
+        extra = ("tracking.enabled=true", f"tracking.uri={uri}", "tracking.register_model=lsa_z3") if stage == 3 else ()
+        common = (f"engine.zero_stage={stage}", "engine.precision=bf16", "train.max_steps=10")
+        assert_ok(run_local(tmp_path, run.name, demo_shards, *common, *extra))
+        export = tmp_path / f"exported{stage}.pt"
+        proc = subprocess.run(
+            [sys.executable, "tools/export_checkpoint.py", str(run), "--out", str(export)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        exported, trained = load_model_file(export), load_model_file(run / "model.pt")
+        weights, reference = trained.state_dict(), exported.state_dict()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), stage
+        assert any((w.bfloat16().float() != w).any() for w in weights.values())  # not bf16 casts
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.pytorch.load_model("models:/lsa_z3/1").eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(exported(images), trained(images))
+        assert torch.equal(registered(images), trained.eval()(images))
     proc = subprocess.run(
         [sys.executable, "tools/export_checkpoint.py", str(run), "--eval-only"],
         cwd=ROOT,
@@ -417,6 +430,39 @@ def test_zero3_checkpoint_exports_to_a_plain_model(demo_shards: Path, tmp_path: 
         text=True,
     )
     assert proc.returncode == 0 and "val top-1" in proc.stdout, proc.stderr
+
+
+def test_init_from_a_checkpoint_of_another_stage_or_a_model_of_another_size_and_head(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """model.init_from: a ZeRO-3 run's folder evaluated under ZeRO-1 gives that run's final
+    metrics; a 5-class model file made for 32 px fine-tunes at 40 px with a new 10-class head."""
+    common = ("engine.precision=fp32", "train.max_steps=10")
+    assert_ok(run_local(tmp_path, "z3", demo_shards, "engine.zero_stage=3", *common))
+    final = dict(line.split() for line in (tmp_path / "z3" / "final_metrics.txt").read_text().splitlines())
+    proc = run_local(
+        tmp_path, "again", demo_shards, f"model.init_from={tmp_path / 'z3'}", "train.eval_only=true", *common
+    )
+    assert_ok(proc)
+    rows = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = next(r for r in rows if "val/top1" in r)
+    assert evaluated["val/top1"] == float(final["val/top1"])
+    assert evaluated["val/loss"] == pytest.approx(float(final["val/loss"]), rel=1e-6)
+
+    options = {"patch_stride": 2, "widths": (16, 16), "heads": (2, 2), "depths": (2, 1)}  # demo.yaml + TINY
+    source = create_model("lsa_cifar_tiny", num_classes=5, **options)
+    save_model_file(tmp_path / "pretrained.pt", dict(source.cfg.__dict__), source.state_dict())
+    proc = run_local(
+        tmp_path,
+        "finetuned",
+        demo_shards,
+        f"model.init_from={tmp_path / 'pretrained.pt'}",
+        "data.image_size=40",
+        "train.max_steps=3",
+    )
+    assert_ok(proc)
+    assert "positional tables resampled to 40 px; a new head for 10 classes" in proc.stdout
+    assert load_model_file(tmp_path / "finetuned" / "model.pt").cfg.image_size == 40
 
 
 def test_bad_config_fails_before_any_process_starts(demo_shards: Path, tmp_path: Path) -> None:

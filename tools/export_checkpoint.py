@@ -20,22 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.checkpoint import CheckpointError, CheckpointManager, export_fp32, save_model_file  # noqa: E402
+from lsa_dist.checkpoint import CheckpointError, export_fp32, find_checkpoint, save_model_file  # noqa: E402
 from lsa_dist.config import RunConfig, load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
 from lsa_dist.metrics import evaluate  # noqa: E402
 from lsa_dist.models import LSA, model_config  # noqa: E402
-
-
-def resolve(path: Path) -> Path:
-    """A checkpoint folder, or a run folder / checkpoints folder (-> its latest checkpoint)."""
-    if (path / "meta.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        latest = CheckpointManager(root, 1, 0).latest()
-        if latest is not None:
-            return latest
-    raise CheckpointError(f"{path} holds no complete checkpoint (looked for meta.json and checkpoints/latest)")
 
 
 def evaluate_model(model: LSA, cfg: RunConfig, device: torch.device) -> dict[str, float]:
@@ -56,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config (e.g. data.root=...)")
     args = parser.parse_args(argv)
     try:
-        folder = resolve(args.checkpoint)
+        folder = find_checkpoint(args.checkpoint)
         cfg = load_config(folder / "config.yaml", args.overrides)
         state, meta = export_fp32(folder)
         num_classes = state["head.weight"].shape[0]

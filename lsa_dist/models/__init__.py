@@ -1,7 +1,16 @@
 """The LSA model family: plain PyTorch modules, named variants, official-weight import."""
 
 from .flops import count_macs
-from .lsa import CIFAR_SHIFTS, IMAGENET_SHIFTS, LSA, LSAConfig, ModelConfigError, count_parameters
+from .lsa import (
+    CIFAR_SHIFTS,
+    IMAGENET_SHIFTS,
+    LSA,
+    LSAConfig,
+    ModelConfigError,
+    count_parameters,
+    fit_pos_tables,
+    resize_pos_table,
+)
 from .official import (
     OFFICIAL_CONFIGS,
     OfficialCheckpointError,
@@ -23,8 +32,10 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "create_model",
+    "fit_pos_tables",
     "from_official",
     "list_models",
     "load_official_checkpoint",
     "model_config",
+    "resize_pos_table",
 ]

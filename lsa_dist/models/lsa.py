@@ -11,6 +11,7 @@ Tensor layouts used throughout:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -105,13 +106,18 @@ class LSAConfig:
 
     @property
     def grid_sizes(self) -> tuple[int, ...]:
-        """Tokens per side at each stage (max-pool 3/2/1 between stages: ceil(n/2))."""
-        n = conv_out_size(self.image_size, self.patch_kernel, self.patch_stride, self.patch_padding)
-        sizes = [n]
+        """Tokens per side at each stage for image_size (max-pool 3/2/1 between stages: ceil(n/2))."""
+        return tuple(h for h, _ in self.grids(self.image_size, self.image_size))
+
+    def grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(rows, columns) of tokens at each stage for an input of height x width pixels."""
+        k, s, p = self.patch_kernel, self.patch_stride, self.patch_padding
+        h, w = conv_out_size(height, k, s, p), conv_out_size(width, k, s, p)
+        sizes = [(h, w)]
         for _ in self.widths[1:]:
-            n = (n - 1) // 2 + 1
-            sizes.append(n)
-        return tuple(sizes)
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            sizes.append((h, w))
+        return sizes
 
     def validate(self) -> None:
         """Raise ModelConfigError naming the first field that makes the model impossible."""
@@ -149,24 +155,35 @@ class LSAConfig:
             fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
         if self.patch_padding < 0:
             fail("patch_padding", "must be >= 0")
-        size, k, s, p = self.image_size, self.patch_kernel, self.patch_stride, self.patch_padding
+        size, k, p = self.image_size, self.patch_kernel, self.patch_padding
         if size + 2 * p < k:
             fail("image_size", f"{size}px is smaller than the patch kernel {k} (padding {p})")
-        grid = conv_out_size(size, k, s, p)
-        for dy, dx in self.shifts:
-            for extra, axis in ((dy, "rows"), (dx, "columns")):
-                copy_size = size + (extra if self.shift_mode == "pad" else 0)
-                if conv_out_size(copy_size, k, s, p) != grid:
-                    fail(
-                        "image_size",
-                        f"{size}px does not tile: the copy shifted by {extra} {axis} gives a "
-                        f"{conv_out_size(copy_size, k, s, p)}-token grid, the image a {grid}-token "
-                        f"grid (kernel {k}, stride {s}, padding {p}); pick an image size where both agree",
-                    )
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def resize_pos_table(table: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """A positional table (..., N, D) of a rows x columns token grid, resampled bicubically
+    (in float32) to `new_grid`; returned unchanged when the grids agree."""
+    if tuple(grid) == tuple(new_grid):
+        return table
+    lead, (n, d) = table.shape[:-2], table.shape[-2:]
+    if n != grid[0] * grid[1]:
+        raise ValueError(f"a positional table of {n} tokens is not a {grid[0]}x{grid[1]} grid")
+    maps = table.reshape(-1, grid[0], grid[1], d).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(maps, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    out = resized.permute(0, 2, 3, 1).reshape(*lead, new_grid[0] * new_grid[1], d)
+    return out.to(table.dtype)
+
+
+def square_grid(n: int) -> tuple[int, int]:
+    """The square token grid of a table of n tokens (tables are stored for square images)."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"a positional table of {n} tokens is not a square grid")
+    return side, side
 
 
 class ShiftedPatchEmbed(nn.Module):
@@ -200,16 +217,26 @@ class ShiftedPatchEmbed(nn.Module):
         return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any image size: a shifted copy whose padding adds a token row or column is cut to the
+        image's grid, and the positional tables are resampled when the grid is not the built one."""
         _, c, h, w = images.shape
-        if (c, h, w) != (self.in_chans, self.image_size, self.image_size):
+        k, p = self.proj[0].kernel_size[0], self.proj[0].padding[0]
+        if c != self.in_chans or min(h, w) + 2 * p < k:
             raise ValueError(
-                f"LSA expects images of shape (B, {self.in_chans}, {self.image_size}, {self.image_size}), "
-                f"got {tuple(images.shape)}; resize or crop the input to {self.image_size}px"
+                f"LSA expects images of shape (B, {self.in_chans}, H, W) with H, W >= {k - 2 * p}, "
+                f"got {tuple(images.shape)}"
             )
-        tokens = [
-            conv(self.shifted(images, dy, dx)).flatten(2).transpose(1, 2) + pos
-            for (dy, dx), conv, pos in zip(self.shifts, self.proj, self.pos_embed)
-        ]
+        tables = self.pos_embed
+        grid = square_grid(tables.shape[1])
+        tokens = []
+        for (dy, dx), conv in zip(self.shifts, self.proj):
+            out = conv(self.shifted(images, dy, dx))
+            if not tokens:
+                new_grid = tuple(out.shape[2:])
+                tables = resize_pos_table(tables, grid, new_grid)
+            elif tuple(out.shape[2:]) != new_grid:
+                out = out[:, :, : new_grid[0], : new_grid[1]]
+            tokens.append(out.flatten(2).transpose(1, 2) + tables[len(tokens)])
         return tokens[0], torch.stack(tokens, dim=2)
 
 
@@ -373,10 +400,11 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(dim_out, eps=LN_EPS)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         b, _, d = x.shape
+        rows, cols = grid_hw or (self.grid, self.grid)
         # (B, N, D) viewed as a channels-last grid: no copies on the way in or out.
-        grid = x.view(b, self.grid, self.grid, d).permute(0, 3, 1, 2)
+        grid = x.view(b, rows, cols, d).permute(0, 3, 1, 2)
         y = self.conv(grid).permute(0, 2, 3, 1)
         y = self.pool(self.norm(y).permute(0, 3, 1, 2))
         return y.permute(0, 2, 3, 1).reshape(b, -1, y.shape[1])
@@ -402,15 +430,19 @@ class Stage(nn.Module):
         last = index == len(cfg.widths) - 1
         self.downsample = None if last else Downsample(dim, cfg.widths[index + 1], cfg.grid_sizes[index])
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Stage 1 takes (copy 0, all copies) from the patch embedding; later stages (B, N, D)."""
+    def forward(self, *inputs: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Stage 1 takes (copy 0, all copies) from the patch embedding; later stages (B, N, D).
+        `grid`: this stage's (rows, columns) of tokens when the input is not the built size."""
         if hasattr(self, "pos_embed"):
-            inputs = (inputs[0] + self.pos_embed,)
+            table = self.pos_embed
+            if grid is not None:
+                table = resize_pos_table(table, square_grid(table.shape[0]), grid)
+            inputs = (inputs[0] + table,)
         x = self.blocks[0](*inputs)
         for block in self.blocks[1:]:
             x = block(x)
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = self.downsample(x, grid)
         return x
 
 
@@ -461,13 +493,30 @@ class LSA(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised features (B, D) before the classifier."""
-        x = self.stages[0](*self.patch_embed(images))
-        for stage in self.stages[1:]:
-            x = stage(x)
+        h, w = images.shape[2:]
+        grids = None if h == w == self.cfg.image_size else self.cfg.grids(h, w)
+        x = self.stages[0](*self.patch_embed(images), grid=grids and grids[0])
+        for i, stage in enumerate(self.stages[1:], start=1):
+            x = stage(x, grid=grids and grids[i])
         return self.norm(x).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
+
+
+def fit_pos_tables(state: dict[str, torch.Tensor], model: LSA) -> dict[str, torch.Tensor]:
+    """`state` (weights of a model built for another image size) with every positional table
+    resampled to `model`'s token grids; other entries are returned as they are."""
+    target = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        want = target.get(key)
+        if not key.endswith("pos_embed") or want is None or value.shape == want.shape:
+            continue
+        if value.ndim != want.ndim or value.shape[:-2] != want.shape[:-2] or value.shape[-1] != want.shape[-1]:
+            continue  # not a resolution change: the load reports the mismatch
+        out[key] = resize_pos_table(value, square_grid(value.shape[-2]), square_grid(want.shape[-2]))
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -482,4 +531,6 @@ __all__ = [
     "ModelConfigError",
     "count_parameters",
     "conv_out_size",
+    "fit_pos_tables",
+    "resize_pos_table",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .lsa import CIFAR_SHIFTS, IMAGENET_SHIFTS, LSA, LSAConfig, conv_out_size
+from .lsa import CIFAR_SHIFTS, IMAGENET_SHIFTS, LSA, LSAConfig, conv_out_size, fit_pos_tables
 
 
 class OfficialCheckpointError(ValueError):
@@ -203,7 +203,8 @@ def from_official(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tens
     """
     cfg = config_from_official(config, **overrides)
     model = LSA(cfg)
-    converted = convert_official_state_dict(cfg, state_dict)
+    # positional tables of the release's image size resampled to image_size (if overridden)
+    converted = fit_pos_tables(convert_official_state_dict(cfg, state_dict), model)
     expected = model.state_dict()
     for key, value in converted.items():
         if key in expected and expected[key].shape != value.shape:
