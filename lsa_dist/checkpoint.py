@@ -233,6 +233,7 @@ MATH_KEYS = (
     "data.augment.",
     "data.batch_size",
     "data.image_size",
+    "data.normalize",
     "data.format",
     "data.train_split",
     "data.shuffle_buffer",

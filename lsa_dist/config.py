@@ -57,6 +57,9 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000
     check_checksums: bool = False  # re-hash every data file before training (slow on ImageNet)
+    # imagenet: the mean/std the paper's (and timm's, DeiT's) models were trained with;
+    # dataset: the ones measured on the converted pixels (dataset.json), for other kinds of images
+    normalize: str = "imagenet"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -173,6 +176,7 @@ class RunConfig:
 
 CHOICES = {
     "data.format": ("wds", "ffcv"),
+    "data.normalize": ("imagenet", "dataset"),
     "data.augment.recipe": ("imagenet", "basic", "cifar", "none"),
     "engine.backend": ("deepspeed", "fairscale"),
     "engine.precision": ("fp32", "bf16", "fp16"),

@@ -286,15 +286,44 @@ def test_ffcv_and_webdataset_give_the_same_label_distribution(demo_shards: Path)
 
 def test_batches_are_uint8_and_model_input_is_normalised(demo_shards: Path) -> None:
     info = load_dataset_info(demo_shards)
-    for fmt in ("wds", "ffcv"):
-        loader = build_loader(data_cfg(demo_shards, fmt), "val", 0, 1, train=False)
+    for fmt, normalize in (("wds", "imagenet"), ("ffcv", "imagenet"), ("wds", "dataset"), ("ffcv", "dataset")):
+        loader = build_loader(data_cfg(demo_shards, fmt, normalize=normalize), "val", 0, 1, train=False)
         images, labels = next(iter(loader.epoch(0)))
         assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8
         assert labels.dtype == torch.int64
         x = loader.to_model_input(images)
         assert x.dtype == torch.float32
-        expected = (images[:, 0].float() / 255 - info.mean[0]) / info.std[0]
+        mean, std = (0.485, 0.229) if normalize == "imagenet" else (info.mean[0], info.std[0])  # timm's, DeiT's
+        expected = (images[:, 0].float() / 255 - mean) / std
         torch.testing.assert_close(x[:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_preprocessing_is_timms_on_a_real_photo() -> None:
+    """A real photograph (scikit-learn's china.jpg, 640x427): our eval tensor (JPEG bytes ->
+    uint8 in the loader, normalised per batch) is timm's create_transform output within 1/255,
+    for lsa_tiny's 224 px and another size; the official fixture's model gives the same logits
+    on both."""
+    import sklearn.datasets
+    from timm.data import create_transform
+
+    from lsa_dist.data.transforms import ModelInput, normalization
+    from lsa_dist.models import from_official
+
+    photo = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"
+    cfg = DataConfig()  # the paper's defaults: bicubic, crop_pct 0.875, ImageNet mean/std
+    mean, std = normalization(cfg, (0.5,) * 3, (0.5,) * 3)
+    for size in (224, 160):
+        uint8 = sample_transform(cfg.augment, size, train=False)(photo.read_bytes())
+        ours = ModelInput(mean, std, cfg.augment, train=False)(uint8[None])[0]
+        timm_eval = create_transform(input_size=size, crop_pct=0.875, interpolation="bicubic", is_training=False)
+        theirs = timm_eval(Image.open(photo).convert("RGB"))
+        assert ours.shape == theirs.shape == (3, size, size)
+        scale = torch.tensor(std).view(3, 1, 1)
+        assert ((ours - theirs) * scale).abs().max() <= 1 / 255 + 1e-6
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "official_lsa" / "official_imagenet_tiny_style.pt")
+    model = from_official(fixture["config"], fixture["state_dict"], image_size=224).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ours[None]), model(theirs[None]), atol=1e-4, rtol=0)
 
 
 def test_random_erasing_runs_per_batch_for_the_imagenet_recipe(demo_shards: Path) -> None:

@@ -24,7 +24,7 @@ from ..config import DataConfig
 from ..fs import sha256_file
 from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, batches_per_rank, epoch_rng, rank_span
-from .transforms import ModelInput, decode_pil
+from .transforms import ModelInput, decode_pil, normalization
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -104,7 +104,7 @@ class FfcvLoader:
         self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
         self.cfg = cfg
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
-        self.to_model_input = ModelInput(info.mean, info.std, cfg.augment, train)
+        self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self._ffcv = None
         self.rand_augment = None
         aug = cfg.augment

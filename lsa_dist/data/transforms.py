@@ -8,7 +8,8 @@ batch is used (`ModelInput`, on the GPU when there is one), as timm's prefetchin
 Recipes:
   imagenet  random resized crop, flip, RandAugment (timm, e.g. rand-m9-mstd0.5-inc1) per
             sample; random erasing per batch; mixup/cutmix with label smoothing per batch in
-            the training loop (`build_mixup`). Eval: resize to image_size / crop_pct, center crop.
+            the training loop (`build_mixup`). Eval (all recipes but cifar): timm's own eval
+            transform, bicubic resize of the shorter side to image_size / crop_pct, center crop.
   basic     random resized crop and flip only (the decode-bound part of the imagenet recipe).
   cifar     random crop with zero padding, flip; eval: resize to image_size.
   none      resize and center crop, also for training.
@@ -23,11 +24,11 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-from timm.data import Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 
-from ..config import AugmentConfig
+from ..config import AugmentConfig, DataConfig
 
 RECIPES = ("imagenet", "basic", "cifar", "none")
 SampleTransform = Callable[[bytes], torch.Tensor]
@@ -84,10 +85,21 @@ def sample_transform(aug: AugmentConfig, image_size: int, train: bool) -> Sample
         ops.append(v2.RandomHorizontalFlip(aug.hflip))
     elif aug.recipe == "cifar":
         ops = [v2.Resize(size, interp, antialias=True), v2.CenterCrop(size)]
-    else:  # evaluation, and training with recipe "none"
-        ops = [v2.Resize(int(size / aug.crop_pct), interp, antialias=True), v2.CenterCrop(size)]
+    else:  # evaluation, and training with recipe "none": exactly timm's eval preprocessing (PIL)
+        pil = create_transform(
+            input_size=size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, use_prefetcher=True
+        )
+        return lambda data: pil(decode_pil(data))
     pipeline = v2.Compose(ops)
     return lambda data: pipeline(decode_tensor(data))
+
+
+def normalization(cfg: DataConfig, dataset_mean: Sequence[float], dataset_std: Sequence[float]) -> tuple:
+    """(mean, std) in [0, 1] units: timm's ImageNet constants (what the paper's weights were
+    trained with) for data.normalize=imagenet, the dataset's measured ones for `dataset`."""
+    if cfg.normalize == "dataset":
+        return tuple(dataset_mean), tuple(dataset_std)
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 
 
 class ModelInput:

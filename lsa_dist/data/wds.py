@@ -22,7 +22,7 @@ from ..config import DataConfig
 from ..rng import seeded
 from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, batches_per_rank, batches_to_skip, epoch_rng, rank_span, worker_spans
-from .transforms import ModelInput, sample_transform
+from .transforms import ModelInput, normalization, sample_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,7 +54,7 @@ class WebDatasetLoader:
         self.shuffle_buffer = cfg.shuffle_buffer
         self.image_size = cfg.image_size
         self.transform = sample_transform(cfg.augment, cfg.image_size, train)
-        self.to_model_input = ModelInput(info.mean, info.std, cfg.augment, train)
+        self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
 
     def __len__(self) -> int:
