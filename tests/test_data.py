@@ -123,8 +123,20 @@ def awkward_source(tmp_path: Path) -> Path:
     return src
 
 
+def test_stored_size_keeps_what_evaluation_and_full_scale_crops_need() -> None:
+    from lsa_dist.data.convert import stored_size
+
+    assert stored_size(500, 375, 500, 256) is None  # a typical ImageNet photo is kept as it is
+    assert stored_size(1000, 750, 500, 256) == (500, 375)
+    assert stored_size(2000, 500, 500, 256) == (1024, 256)  # a panorama keeps a 256 px shorter side
+    assert stored_size(500, 2000, 500, 256) == (256, 1024)
+    assert stored_size(200, 150, 500, 256) is None  # never enlarged
+    assert stored_size(2000, 500, 500, 0) == (500, 125)  # --min-side 0: the longer side rules
+    assert stored_size(500, 375, 256, 0) == (256, 192)  # the old default: 192 px, upsampled by eval
+
+
 def test_awkward_files_are_fixed_or_reported(awkward_source: Path, tmp_path: Path) -> None:
-    manifest = convert(awkward_source, tmp_path / "out", "wds", ("train",), ConvertOptions(max_side=128))
+    manifest = convert(awkward_source, tmp_path / "out", "wds", ("train",), ConvertOptions(max_side=128, min_side=0))
     entry = manifest["splits"]["train"]
     assert entry["num_source_files"] == 8 and entry["num_samples"] == 5
     assert entry["fixed"] == {
@@ -190,8 +202,10 @@ def test_converter_errors_name_the_problem(demo_source: Path, awkward_source: Pa
     with pytest.raises(SourceError, match="no label file was found.*--val-labels"):
         convert(flat, tmp_path / "o2", "wds")
     convert(awkward_source, tmp_path / "o3", "wds", ("train",))
-    with pytest.raises(ConversionError, match=r"different options \(max_side\); convert into a new --out"):
-        convert(awkward_source, tmp_path / "o3", "wds", ("train",), ConvertOptions(max_side=64))
+    with pytest.raises(ConversionError, match=r"different options \(max_side, min_side\); convert into a new --out"):
+        convert(awkward_source, tmp_path / "o3", "wds", ("train",), ConvertOptions(max_side=64, min_side=0))
+    with pytest.raises(ConversionError, match=r"--min-side must be in 0..--max-side \(128\), got 256"):
+        convert(awkward_source, tmp_path / "o4", "wds", ("train",), ConvertOptions(max_side=128))
     proc = subprocess.run(
         [
             sys.executable,

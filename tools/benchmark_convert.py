@@ -36,7 +36,8 @@ def _read(path: Path) -> int:
 
 
 def _process(data: bytes) -> int:
-    return len(process_image(data, 256, 90).jpeg)
+    options = ConvertOptions()
+    return len(process_image(data, options.max_side, options.jpeg_quality, options.min_side).jpeg)
 
 
 def _timed_pool(fn, items: list, workers: int) -> float:  # noqa: ANN001
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         "decode+fix+resize+encode only": n / process_s,
         "convert_imagenet (wds shards)": n / convert_s,
     }
-    print(f"\n{n} source images ({mb / n * 1024:.0f} KB average), {args.workers} workers, max side 256, quality 90")
+    print(
+        f"\n{n} source images ({mb / n * 1024:.0f} KB average), {args.workers} workers, "
+        f"max side {ConvertOptions().max_side}, min side {ConvertOptions().min_side}, quality 90"
+    )
     print(f"{'what':<32} {'images/s':>10} {'vs read limit':>14}")
     for name, rate in rows.items():
         print(f"{name:<32} {rate:>10.0f} {rate / rows['read source files only']:>13.3f}x")

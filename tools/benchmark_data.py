@@ -6,7 +6,7 @@ against two baselines measured in the same run:
                 the usual PIL transforms ending in ToTensor + Normalize (what users would
                 otherwise run), same workers
   decode limit  our per-sample work (decode + random-resized-crop + flip of the stored
-                256 px images) in a tight loop, one process per worker, no loader around it
+                images) in a tight loop, one process per worker, no loader around it
 
 Our pipelines are timed twice: delivering the contract's uint8 batches (normalised on the
 training device, free on a GPU), and with `to_model_input` normalising them in the main

@@ -33,7 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; resumed if it exists)")
     parser.add_argument("--format", choices=FORMATS, default="both", help="what to write (default both)")
     parser.add_argument("--splits", default="train,val", help="comma-separated splits (default train,val)")
-    parser.add_argument("--max-side", type=int, default=256, help="longest image side stored, px (default 256)")
+    parser.add_argument(
+        "--max-side", type=int, default=500, help="longer image side stored, px (default 500, as FFCV's ImageNet)"
+    )
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=256,
+        help="no shorter side is brought below this, px (default 256: eval's 224/0.875 and full-scale crops)",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default 1000)")
     parser.add_argument(
@@ -52,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options = ConvertOptions(args.max_side, args.jpeg_quality, args.samples_per_shard, args.limit_per_class, args.seed)
+    options = ConvertOptions(
+        args.max_side, args.jpeg_quality, args.samples_per_shard, args.limit_per_class, args.seed, args.min_side
+    )
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     start = time.perf_counter()
     try:

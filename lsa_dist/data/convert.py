@@ -1,8 +1,9 @@
 """ImageNet folder -> WebDataset tar shards, FFCV .beton files and dataset.json.
 
 Every image is decoded, fixed where real ImageNet needs it (CMYK, grayscale, PNG bytes in a
-.JPEG file), resized so its longer side is at most `max_side`, and re-encoded as baseline
-RGB JPEG. Unreadable files (empty, truncated, not an image) are skipped and reported.
+.JPEG file), resized so its longer side is at most `max_side` unless that would bring its shorter
+side below `min_side` (what evaluation, 224 / 0.875 = 256 px, and a full-scale 224 crop need), and
+re-encoded as baseline RGB JPEG. Unreadable files (empty, truncated, not an image) are skipped and reported.
 
 Shards are the unit of work and of resumption: each is written under a temporary name and
 renamed, then its record (sample count, checksum, skipped files) is written beside it. A
@@ -47,15 +48,18 @@ class BadImageError(ValueError):
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    max_side: int = 256
+    max_side: int = 500  # FFCV's ImageNet example stores about 500 px on the longer side
     jpeg_quality: int = 90
     samples_per_shard: int = 1000
     limit_per_class: int | None = None
     seed: int = 0
+    min_side: int = 256  # no shorter side is brought below this (smaller originals stay as they are)
 
     def validate(self) -> None:
         if self.max_side < 16:
             raise ConversionError(f"--max-side must be at least 16, got {self.max_side}")
+        if not 0 <= self.min_side <= self.max_side:
+            raise ConversionError(f"--min-side must be in 0..--max-side ({self.max_side}), got {self.min_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConversionError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.samples_per_shard < 1:
@@ -73,7 +77,18 @@ class Processed:
     pixels: int
 
 
-def process_image(data: bytes, max_side: int, quality: int) -> Processed:
+def stored_size(width: int, height: int, max_side: int, min_side: int = 0) -> tuple[int, int] | None:
+    """The size an image is stored at (None: as it is): the longer side brought down to
+    `max_side`, but never the shorter side below `min_side`; never enlarged."""
+    scale = min(1.0, max_side / max(width, height))
+    if min(width, height) * scale < min_side:
+        scale = min(1.0, min_side / min(width, height))
+    if scale >= 1.0:
+        return None
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def process_image(data: bytes, max_side: int, quality: int, min_side: int = 0) -> Processed:
     """Decode, fix, resize and re-encode one source image. Raises BadImageError with the reason."""
     if not data:
         raise BadImageError("empty file")
@@ -82,14 +97,9 @@ def process_image(data: bytes, max_side: int, quality: int) -> Processed:
         image = Image.open(io.BytesIO(data))
         if image.format != "JPEG":
             fixes.append(f"{(image.format or 'unknown').lower()} bytes in a JPEG file")
-        width, height = image.size
-        if max(width, height) > max_side:
-            scale = max_side / max(width, height)
-            target = (max(1, round(width * scale)), max(1, round(height * scale)))
-            if image.format == "JPEG":
-                image.draft(image.mode if image.mode in ("RGB", "L") else None, target)  # DCT-domain downscale
-        else:
-            target = None
+        target = stored_size(*image.size, max_side, min_side)
+        if target is not None and image.format == "JPEG":
+            image.draft(image.mode if image.mode in ("RGB", "L") else None, target)  # DCT-domain downscale
         image.load()
     except BadImageError:
         raise
@@ -168,7 +178,9 @@ def write_shard(task: ShardTask) -> ShardRecord:
             for sample in task.samples:
                 try:
                     data = sample.path.read_bytes()
-                    processed = process_image(data, task.options.max_side, task.options.jpeg_quality)
+                    processed = process_image(
+                        data, task.options.max_side, task.options.jpeg_quality, task.options.min_side
+                    )
                 except (BadImageError, OSError) as err:
                     record.skipped.append({"path": str(sample.path), "reason": str(err)})
                     continue
@@ -368,7 +380,7 @@ def _write_betons(manifest: dict[str, Any], out: Path, shard_dir: Path, options:
     for split, entry in manifest["splits"].items():
         shards = [shard_dir / s["name"] for s in entry["shards"]]
         target = out / "ffcv" / f"{split}.beton"
-        info = write_beton(shards, target, options.max_side, options.jpeg_quality, workers)
+        info = write_beton(shards, target, options.jpeg_quality, workers)
         entry["ffcv"] = {"name": f"ffcv/{split}.beton", **info}
 
 

@@ -70,8 +70,10 @@ class _ShardImages:
         return np.asarray(decode_pil(data)), label
 
 
-def write_beton(shards: Sequence[Path], target: Path, max_side: int, quality: int, workers: int) -> dict[str, Any]:
-    """Write the shards' images into one FFCV file (atomically); returns its size and checksum."""
+def write_beton(shards: Sequence[Path], target: Path, quality: int, workers: int) -> dict[str, Any]:
+    """Write the shards' images into one FFCV file (atomically); returns its size and checksum.
+    The images keep the size the converter gave them (no max_resolution: it would cut the
+    longer side of a panorama that --min-side kept large)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -79,7 +81,7 @@ def write_beton(shards: Sequence[Path], target: Path, max_side: int, quality: in
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         fields = {
-            "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
+            "image": RGBImageField(write_mode="jpg", max_resolution=None, jpeg_quality=quality),
             "label": IntField(),
         }
         DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(images)
