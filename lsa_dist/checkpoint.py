@@ -231,6 +231,7 @@ MATH_KEYS = (
     "model.",
     "optim.",
     "data.augment.",
+    "data.progressive.",
     "data.batch_size",
     "data.image_size",
     "data.normalize",

@@ -469,7 +469,8 @@ class Trainer:
         s.epoch, s.batch = s.epoch + 1, 0
         epoch_loss = float(self.epoch_loss.loss_sum) / max(self.epoch_loss.steps, 1)
         s.eval_pending = s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs
-        self._epoch_metrics({"train/epoch_loss": epoch_loss, "epoch": s.epoch})
+        size = cfg.data.train_size(s.epoch - 1)  # data.progressive: the size this epoch trained at
+        self._epoch_metrics({"train/epoch_loss": epoch_loss, "epoch": s.epoch, "train/image_size": size})
         self.checkpoint("epoch_end")
 
     def _epoch_metrics(self, metrics: dict[str, float]) -> None:

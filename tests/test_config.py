@@ -51,6 +51,10 @@ def test_overrides_are_typed_and_win_over_the_file() -> None:
         ),
         (["model.init_from=/nowhere/model.pt"], "model.init_from: /nowhere/model.pt does not exist"),
         (
+            ["data.progressive.start=160", "data.progressive.first_epoch=5", "data.progressive.last_epoch=2"],
+            "data.progressive.last_epoch: 2 is before first_epoch 5",
+        ),
+        (
             ["model.init_from=configs", "model.official_checkpoint=x.pth"],
             "model.init_from: set either it or model.official_checkpoint",
         ),
@@ -77,3 +81,18 @@ def test_flatten_gives_one_param_per_leaf_key() -> None:
     assert flat["optim.lr"] == 5e-4 and flat["launch.slurm.partition"] == ""
     assert "engine.compile" in flat and "train.log_every" in flat
     assert not any(isinstance(v, dict) and v for v in flat.values())
+
+
+def test_progressive_resizing_follows_its_schedule() -> None:
+    """FFCV's ImageNet recipe: 160 px up to epoch 2, then linearly to 192 at epoch 10 in steps of
+    32 (evaluation at data.image_size, 224); off by default."""
+    cfg = load_config(
+        ROOT / "configs" / "lsa_tiny.yaml",
+        ["data.progressive.start=160", "data.progressive.end=192"]
+        + ["data.progressive.first_epoch=2", "data.progressive.last_epoch=10"],
+    )
+    sizes = [cfg.data.train_size(epoch) for epoch in range(12)]
+    assert sizes == [160, 160, 160, 160, 160, 160, 192, 192, 192, 192, 192, 192]
+    cfg.data.progressive.multiple = 8
+    assert [cfg.data.train_size(epoch) for epoch in (2, 4, 6, 8, 10)] == [160, 168, 176, 184, 192]
+    assert load_config(ROOT / "configs" / "lsa_tiny.yaml").data.train_size(3) == 224

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lsa_dist.config import AugmentConfig, DataConfig
+from lsa_dist.config import AugmentConfig, DataConfig, ProgressiveConfig
 from lsa_dist.data import PAD_LABEL, DatasetError, build_loader, load_dataset_info
 from lsa_dist.data.convert import ConversionError, ConvertOptions, convert, summary
 from lsa_dist.data.imagenet import SourceError
@@ -310,6 +310,23 @@ def test_batches_are_uint8_and_model_input_is_normalised(demo_shards: Path) -> N
         mean, std = (0.485, 0.229) if normalize == "imagenet" else (info.mean[0], info.std[0])  # timm's, DeiT's
         expected = (images[:, 0].float() / 255 - mean) / std
         torch.testing.assert_close(x[:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_progressive_resizing_changes_the_training_size_per_epoch(demo_shards: Path, fmt: str) -> None:
+    """data.progressive: epoch 0 at 24 px, epoch 2 on at 32 (via 28 at epoch 1); evaluation at
+    data.image_size throughout; the samples of an epoch do not depend on its size."""
+    schedule = ProgressiveConfig(start=24, end=32, first_epoch=0, last_epoch=2, multiple=4)
+    cfg = data_cfg(demo_shards, fmt, progressive=schedule, num_workers=1)
+    train = build_loader(cfg, "train", 0, 2, train=True)
+    for epoch, size in ((0, 24), (1, 28), (2, 32), (0, 24)):
+        images, _ = next(iter(train.epoch(epoch)))
+        assert images.shape == (16, 3, size, size), (epoch, images.shape)
+    assert epoch_keys(train, 1) == epoch_keys(
+        build_loader(data_cfg(demo_shards, fmt, num_workers=1), "train", 0, 2, train=True), 1
+    )
+    images, _ = next(iter(build_loader(cfg, "val", 0, 1, train=False).epoch(0)))
+    assert images.shape[2:] == (32, 32)
 
 
 def test_eval_preprocessing_is_timms_on_a_real_photo() -> None:

@@ -107,7 +107,7 @@ class FfcvLoader:
         self.cfg = cfg
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
-        self._ffcv = None
+        self._ffcv: dict[int, Any] = {}  # one compiled ffcv Loader per image size
         self.rand_augment = None
         aug = cfg.augment
         if train and aug.recipe == "imagenet" and aug.rand_augment:
@@ -126,7 +126,11 @@ class FfcvLoader:
         start, end = rank_span(self.num_samples, self.world_size, self.rank, self.batch_size, self.train)
         return order[start:end]
 
-    def _pipelines(self) -> dict[str, list]:
+    def image_size(self, epoch: int) -> int:
+        """The epoch's image size: data.progressive's when training, image_size when evaluating."""
+        return self.cfg.train_size(epoch) if self.train else self.cfg.image_size
+
+    def _pipelines(self, size: int) -> dict[str, list]:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.transforms import (
             RandomHorizontalFlip,
@@ -136,7 +140,7 @@ class FfcvLoader:
             ToTorchImage,
         )
 
-        aug, size = self.cfg.augment, self.cfg.image_size
+        aug = self.cfg.augment
         if not self.train:
             ratio = 1.0 if aug.recipe == "cifar" else aug.crop_pct
             image: list = [CenterCropRGBImageDecoder((size, size), ratio=ratio)]
@@ -156,25 +160,27 @@ class FfcvLoader:
         image += [ToTensor(), ToTorchImage()]  # uint8; to_model_input normalises per batch
         return {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
 
-    def _loader(self, indices: np.ndarray):  # noqa: ANN202 - ffcv.loader.Loader
-        """One ffcv Loader for the whole run (its pipeline is compiled once); the order is set per epoch."""
+    def _loader(self, indices: np.ndarray, size: int):  # noqa: ANN202 - ffcv.loader.Loader
+        """One ffcv Loader per image size for the whole run (its pipeline is compiled once); the
+        order is set per epoch."""
         from ffcv.loader import Loader, OrderOption
 
-        if self._ffcv is None:
-            self._ffcv = Loader(
+        if size not in self._ffcv:
+            self._ffcv[size] = Loader(
                 str(self.path),
                 batch_size=self.batch_size,
                 num_workers=max(1, self.cfg.num_workers),
                 order=OrderOption.SEQUENTIAL,
                 indices=indices,
-                pipelines=self._pipelines(),
+                pipelines=self._pipelines(size),
                 drop_last=False,
             )
         # ffcv asks its traversal order for each epoch's sample order and sizes the epoch by the
         # first one; both are pointed at this epoch's list.
-        self._ffcv.traversal_order = _GivenOrder(indices)
-        self._ffcv.first_traversal_order = indices
-        return self._ffcv
+        loader = self._ffcv[size]
+        loader.traversal_order = _GivenOrder(indices)
+        loader.first_traversal_order = indices
+        return loader
 
     def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[Batch]:
         """The rank's batches start_batch .. num_batches-1 of `epoch`.
@@ -187,7 +193,7 @@ class FfcvLoader:
         indices = self.indices(epoch)[start_batch * self.batch_size :]
         produced = start_batch
         if len(indices):
-            for images, labels in self._loader(indices):
+            for images, labels in self._loader(indices, self.image_size(epoch)):
                 images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
                 if self.rand_augment is not None:
                     images = torch.stack([self.rand_augment(img) for img in images])

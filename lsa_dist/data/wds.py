@@ -52,8 +52,8 @@ class WebDatasetLoader:
         self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
         self.num_workers = cfg.num_workers
         self.shuffle_buffer = cfg.shuffle_buffer
-        self.image_size = cfg.image_size
-        self.transform = sample_transform(cfg.augment, cfg.image_size, train)
+        self.cfg = cfg
+        self._transforms: dict[int, Callable] = {}
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
 
@@ -118,15 +118,26 @@ class WebDatasetLoader:
                 "it is truncated or from another conversion"
             )
 
-    def make_batch(self, samples: list[dict[str, Any] | None], return_keys: bool = False) -> tuple:
+    def image_size(self, epoch: int) -> int:
+        """The epoch's image size: data.progressive's when training, image_size when evaluating."""
+        return self.cfg.train_size(epoch) if self.train else self.cfg.image_size
+
+    def transform(self, epoch: int) -> Callable:
+        size = self.image_size(epoch)
+        if size not in self._transforms:
+            self._transforms[size] = sample_transform(self.cfg.augment, size, self.train)
+        return self._transforms[size]
+
+    def make_batch(self, samples: list[dict[str, Any] | None], return_keys: bool = False, epoch: int = 0) -> tuple:
         images, labels, keys = [], [], []
+        size, transform = self.image_size(epoch), self.transform(epoch)
         for sample in samples:
             if sample is None:
-                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8))
+                images.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 labels.append(PAD_LABEL)
                 keys.append("")
                 continue
-            images.append(self.transform(sample["jpg"]))
+            images.append(transform(sample["jpg"]))
             labels.append(int(sample["cls"]))
             keys.append(sample["__key__"])
         batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
@@ -171,7 +182,7 @@ class _EpochStream(IterableDataset):
                 # restarted epoch reproduces the pixels of the uninterrupted one
                 number = logical + (position // ld.batch_size) * workers
                 with seeded(int(epoch_rng(ld.seed, self.epoch, ld.rank, number).integers(2**63))):
-                    yield ld.make_batch(batch, self.return_keys)
+                    yield ld.make_batch(batch, self.return_keys, self.epoch)
                 batch = []
 
 
