@@ -137,7 +137,7 @@ def test_multi_node_job_matches_the_local_run(
     print(f"{nodes} nodes x {tasks} tasks: submission to first step {rows[0]['time'] - start:.1f} s")
 
 
-LONG_EPOCHS = 4  # 176 steps: more than one 2-minute allocation holds
+LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2
 LONG = (f"optim.epochs={LONG_EPOCHS}", "checkpoint.every_steps=0")
 LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: an urgent job must preempt
 

@@ -194,7 +194,7 @@ def test_unreachable_backend_never_stops_training(tmp_path: Path, capsys: pytest
 @pytest.mark.slow
 def test_compare_runs_on_real_runs(demo_shards: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for lr in ("0.002", "0.001", "0.0005"):
+    for lr in ("0.002", "0.0005"):
         proc = train(tmp_path, f"lr{lr}", demo_shards, uri, f"optim.lr={lr}", "train.max_steps=8", nproc=1)
         assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "compare"
@@ -202,9 +202,9 @@ def test_compare_runs_on_real_runs(demo_shards: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0].split()
     assert "optim.lr" in header and "optim.epochs" not in header  # only params that differ
-    assert all(f"lr{lr}" in proc.stdout for lr in ("0.002", "0.001", "0.0005"))
+    assert all(f"lr{lr}" in proc.stdout for lr in ("0.002", "0.0005"))
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert len(rows) == 3
+    assert len(rows) == 2
     for row in rows:
         run = client(uri).get_run(row["run_id"])
         assert row["optim.lr"] == run.data.params["optim.lr"]

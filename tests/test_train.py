@@ -82,7 +82,7 @@ def test_every_zero_stage_and_precision_trains_and_matches_stage_0(demo_shards: 
 
 def test_activation_checkpointing_gives_the_same_losses(demo_shards: Path, tmp_path: Path) -> None:
     common = ("engine.precision=fp32", "train.max_steps=6")
-    for stage in (2, 3):
+    for stage in (3,):  # ZeRO-3 gathers parameters again in the recomputed forward: the hard case
         assert_ok(run_local(tmp_path, f"plain{stage}", demo_shards, f"engine.zero_stage={stage}", *common))
         assert_ok(
             run_local(
@@ -166,7 +166,17 @@ def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tup
 
 
 # the paper's recipe, with a loader worker (its augmentation in another process)
-INTERRUPTED = ("engine.zero_stage=2", "engine.precision=bf16", "optim.epochs=2", *PAPER_RECIPE, "data.num_workers=1")
+# the paper's recipe with progressive resizing: epoch 0 trains at 24 px, epoch 1 at 32 (the model's
+# size), so a run resumed in epoch 0 goes through a size change
+PROGRESSIVE = ("data.progressive.start=24", "data.progressive.multiple=8", "data.progressive.last_epoch=1")
+INTERRUPTED = (
+    "engine.zero_stage=2",
+    "engine.precision=bf16",
+    "optim.epochs=2",
+    *PAPER_RECIPE,
+    *PROGRESSIVE,
+    "data.num_workers=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +442,8 @@ def test_bf16_runs_export_fp32_master_weights_register_under_zero3_and_init_othe
     rows = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     evaluated = next(r for r in rows if "val/top1" in r)
     assert evaluated["val/top1"] == float(final["val/top1"])
-    assert evaluated["val/loss"] == pytest.approx(float(final["val/loss"]), rel=1e-6)
+    # the same bf16 weights; ZeRO-3's gathered forward sums in another order: bf16 rounding apart
+    assert evaluated["val/loss"] == pytest.approx(float(final["val/loss"]), rel=1e-4)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
