@@ -330,6 +330,7 @@ class Tracker:
             self._warn(err)
             self._spool(pending)
             return
+        self._send_held()
         self._replay()
 
     def _opened(self) -> bool:
@@ -342,12 +343,27 @@ class Tracker:
         except Exception:  # noqa: BLE001 - still down
             return False
         with self.lock:
-            self.run_id, held, self.held = run_id, self.held, []
+            self.run_id = run_id
         self.warned = False
         print(f"MLflow at {self.uri} is back: run {run_id}", file=sys.stderr)
-        for fn in held:
-            self._call(fn)
+        self._send_held()
         return True
+
+    def _send_held(self) -> None:
+        """The calls made before the run existed, in order; if one fails (the server went away
+        again), it and the ones after it wait for the next flush that gets through."""
+        while True:
+            with self.lock:
+                if not self.held:
+                    return
+                fn = self.held[0]
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                self._warn(err)
+                return
+            with self.lock:
+                self.held.pop(0)
 
     def _spool(self, pending: list[tuple]) -> None:
         self.spool.parent.mkdir(parents=True, exist_ok=True)

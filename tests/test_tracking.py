@@ -126,8 +126,13 @@ def test_a_server_down_at_launch_and_mid_run_loses_nothing(demo_shards: Path, tm
     try:
         wait_for(lambda: metrics.exists() and metrics.read_text().count('"train/loss"') >= 3, "no training", 300)
         server = start_mlflow_server(tmp_path, port)
-        found = lambda: client(url).get_experiment_by_name("lsa_demo") and runs_named(url, "late")  # noqa: E731
-        wait_for(found, "the run was never created")
+
+        def delivered() -> bool:  # the run, its config artifact and the spooled metrics are there
+            found = client(url).get_experiment_by_name("lsa_demo") and runs_named(url, "late")
+            artifacts = {a.path for a in client(url).list_artifacts(found[0].info.run_id)} if found else set()
+            return "config.yaml" in artifacts and not spool.exists()
+
+        wait_for(delivered, "the run was never created")
         os.killpg(server.pid, signal.SIGKILL)  # down mid-run
         server.wait()
         wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) >= 3, "nothing spooled")
