@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import dist as D
 from . import rng
@@ -51,6 +50,13 @@ class TrainState:
     world_size: int = 1
     backend: str = "deepspeed"
     zero_stage: int = 0
+    data_workers: int = 0  # loader workers per rank (their spans split a rank's samples); 0: not recorded
+    # how the epoch in progress was read before a resume changed world size or workers:
+    # [world_size, workers, batches] each (data.plan.Layout); empty in an epoch read one way
+    layouts: list[list[int]] = field(default_factory=list)
+    # where the lr schedule was placed: (step, epochs done at that step); moves when a resume
+    # changes the world size (an epoch then has another number of steps)
+    lr_origin: list[float] = field(default_factory=lambda: [0, 0.0])
 
 
 class CheckpointManager:
@@ -117,9 +123,9 @@ class CheckpointManager:
     def load(self, engine: Engine, folder: Path) -> tuple[TrainState, dict[str, Any]]:
         """Restore the engine, this rank's RNG states and the training state from `folder`."""
         folder = Path(folder)
-        check_world_size(folder, read_meta(folder), dist.get_world_size() if dist.is_initialized() else 1)
+        saved_world_size = int(read_meta(folder).get("world_size", 1))
         try:
-            client_state = engine.load(folder.parent, folder.name)
+            client_state = engine.load(folder.parent, folder.name, saved_world_size)
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many types for bad files
@@ -212,16 +218,15 @@ def set_aside(run_dir: Path, folders: list[Path]) -> Path:
     return target
 
 
-def check_resumable(run_dir: Path, resume: str, world_size: int, overwrite: bool = False) -> str:
-    """Before any process starts: the checkpoint to resume has readable metadata and was
-    written by `world_size` ranks, and the launch would not mix lineages (`check_lineage`).
+def check_resumable(run_dir: Path, resume: str, overwrite: bool = False) -> str:
+    """Before any process starts: the checkpoint to resume has readable metadata and the
+    launch would not mix lineages (`check_lineage`). Any world size may continue it.
     Returns the MLflow run it continues ('' for a new run)."""
     check_lineage(run_dir, resume, overwrite)
     folder = checkpoint_to_resume(run_dir, resume)
     if folder is None:
         return ""
     meta = read_meta(folder)
-    check_world_size(folder, meta, world_size)
     return meta.get("run_id", "") if resume == "auto" else ""
 
 
@@ -284,14 +289,6 @@ def check_compatible(folder: Path, new: dict[str, Any], dataset_sha256: str, acc
             f"with train.accept_changes=[{','.join(refused)}]"
         )
     return list(changes)
-
-
-def check_world_size(folder: Path, meta: dict[str, Any], world_size: int) -> None:
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(
-            f"{folder} was written by {meta.get('world_size')} ranks, this run has {world_size}; "
-            "resume with the same number of processes (or export it and start a new run from the weights)"
-        )
 
 
 def _to_bytes(obj: Any) -> bytes:

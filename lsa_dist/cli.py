@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_compatible, check_resumable, checkpoint_to_resume
+from .checkpoint import CheckpointError, check_compatible, check_resumable, checkpoint_to_resume, read_meta
 from .config import ConfigError, RunConfig, flatten, load_config, to_yaml
 from .data import DatasetError, dataset_identity, load_dataset_info
 from .dist import check_precision
@@ -58,20 +58,26 @@ def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware
     """The checks made before any process starts or any job is queued: the dataset can give
     every one of `world_size` ranks a batch (`dataset`), this machine's device can train in
     engine.precision (`hardware`: only where the workers run here), the checkpoint a resume
-    would read has readable metadata, the same number of ranks and the same mathematics
-    (`check_compatible`), and train.resume would not mix a new lineage into the run's
+    would read has readable metadata and the same mathematics (`check_compatible`; any
+    number of ranks may continue it), and train.resume would not mix a new lineage into the run's
     checkpoints. Returns the MLflow run id to
     continue ('' for a new run)."""
     if dataset:
         load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world_size, cfg.data.batch_size)
     if hardware:
         check_precision(cfg.engine.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    previous = check_resumable(cfg.run_dir, cfg.train.resume, world_size, cfg.train.overwrite)
+    previous = check_resumable(cfg.run_dir, cfg.train.resume, cfg.train.overwrite)
     folder = checkpoint_to_resume(cfg.run_dir, cfg.train.resume)
     if folder is not None:
         check_compatible(
             folder, flatten(cfg), dataset_identity(cfg.data.root) if dataset else "", cfg.train.accept_changes
         )
+        saved = read_meta(folder).get("world_size")
+        if saved != world_size:
+            print(
+                f"resuming {folder} (written by {saved} ranks) on {world_size} ranks: the epoch in progress goes on "
+                "with the samples it has not read, re-split over the new ranks"
+            )
     return previous
 
 

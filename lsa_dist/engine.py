@@ -7,7 +7,11 @@ torch.compile) and satisfy one contract, `Engine`, which the trainer and checkpo
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -18,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
-from .dist import check_precision
+from .dist import any_rank, barrier, check_precision
 from .models import LSA
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,16 +60,18 @@ class Engine(Protocol):
         """The schedule's peak lr of each parameter group."""
         ...
 
-    def rebase_lr(self, base_lrs: list[float]) -> None:
-        """Follow the schedule from these peaks (a resume that accepts a new optim.lr)."""
+    def rebase_lr(self, base_lrs: list[float], factor: Callable[[int], float] | None = None) -> None:
+        """Follow the schedule from these peaks (a resume that accepts a new optim.lr), and by
+        `factor` if given (a resume on another world size: steps per epoch changed)."""
         ...
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Collective: every rank writes its part into folder/tag."""
         ...
 
-    def load(self, folder: Path, tag: str) -> dict[str, Any]:
-        """Restore from folder/tag; returns the client state saved with it."""
+    def load(self, folder: Path, tag: str, saved_world_size: int) -> dict[str, Any]:
+        """Restore from folder/tag, written by `saved_world_size` ranks (this run may have
+        another number); returns the client state saved with it."""
         ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -79,14 +85,22 @@ def peak_lr(cfg: RunConfig, world_size: int) -> float:
     return cfg.optim.lr * global_batch / cfg.optim.lr_batch if cfg.optim.lr_batch else cfg.optim.lr
 
 
-def lr_lambda(cfg: RunConfig, steps_per_epoch: int, world_size: int):  # noqa: ANN201 - Callable[[int], float]
-    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine to min_lr."""
+def lr_lambda(
+    cfg: RunConfig, steps_per_epoch: int, world_size: int, origin: tuple[int, float] = (0, 0.0)
+) -> Callable[[int], float]:
+    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine to min_lr.
+
+    The schedule is laid out in epochs; `origin` (step, epochs done at that step) places it
+    after a resume on another world size, where an epoch has another number of steps."""
     peak = peak_lr(cfg, world_size)
     total = max(1, cfg.optim.epochs * steps_per_epoch)
     warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
     start, floor = cfg.optim.warmup_lr / peak, cfg.optim.min_lr / peak
+    origin_step, origin_epochs = origin
+    shift = origin_epochs * steps_per_epoch - origin_step  # 0 for a run on one world size
 
     def factor(step: int) -> float:
+        step = step + shift if shift else step
         if step < warmup:
             return start + (1 - start) * step / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -153,10 +167,12 @@ class _EngineBase:
     def base_lrs(self) -> list[float]:
         return list(self.scheduler.base_lrs)
 
-    def rebase_lr(self, base_lrs: list[float]) -> None:
+    def rebase_lr(self, base_lrs: list[float], factor: Callable[[int], float] | None = None) -> None:
         # a loaded LambdaLR keeps the saved peaks; its factor function is this config's
         sched = self.scheduler
         sched.base_lrs = list(base_lrs)
+        if factor is not None:
+            sched.lr_lambdas = [factor] * len(sched.base_lrs)
         lrs = [base * factor(sched.last_epoch) for factor, base in zip(sched.lr_lambdas, sched.base_lrs)]
         for group, lr in zip(sched.optimizer.param_groups, lrs):
             group["lr"] = lr
@@ -213,12 +229,39 @@ class DeepSpeedEngine(_EngineBase):
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, folder: Path, tag: str) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(
-            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    def load(self, folder: Path, tag: str, saved_world_size: int) -> dict[str, Any]:
+        """ZeRO 1-3 partition the optimizer (and ZeRO-3 the weights) by rank: a checkpoint of
+        another world size is converted to DeepSpeed's universal format (one file per
+        parameter and state, rank 0 writes it into folder/.universal) and loaded from there."""
+        universal = self.cfg.engine.zero_stage >= 1 and saved_world_size != dist.get_world_size()
+        if universal:
+            folder = to_universal(Path(folder), tag, self.engine.device)
+        config = self.engine._config  # read by load_checkpoint only
+        config.load_universal_checkpoint = universal
+        groups = self.engine.optimizer.param_groups
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+        try:
+            _, client_state = self.engine.load_checkpoint(
+                str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            config.load_universal_checkpoint = False
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(folder) / tag}")
+        if universal:
+            # seen under ZeRO-3: the universal load gives every group the first group's weight
+            # decay, and one `step` tensor to every group's state (each step then counts once per
+            # group, skewing Adam's bias correction); the groups' settings are the config's
+            # (resume refuses other optim.* values) and each state gets its own step
+            for group, settings in zip(self.engine.optimizer.param_groups, hyper):
+                group.update(settings)
+            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+            barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(folder, ignore_errors=True)
         return client_state
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -240,6 +283,39 @@ class DeepSpeedEngine(_EngineBase):
             assert not missing, f"master weights without a state-dict entry: {sorted(missing)[:3]}"
             whole.update(master)
         return whole
+
+
+def to_universal(folder: Path, tag: str, device: torch.device) -> Path:
+    """Rank 0 converts folder/tag into DeepSpeed's universal checkpoint format (its own
+    converter, in a subprocess) under folder/.universal/tag; every rank waits. Returns the
+    folder that holds the converted tag. A collective."""
+    target = folder / ".universal"
+    failure = ""
+    if dist.get_rank() == 0:
+        shutil.rmtree(target, ignore_errors=True)
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(folder / tag),
+            "--output_folder",
+            str(target / tag),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",  # our checkpoints carry no Megatron-style universal info
+        ]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            failure = (
+                f"converting {folder / tag} for another world size failed: {lines[-1] if lines else proc.returncode}"
+            )
+    if any_rank(bool(failure), device):
+        raise RuntimeError(failure or f"converting {folder / tag} for another world size failed on rank 0")
+    return target
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -346,7 +422,8 @@ class FairscaleEngine(_EngineBase):
                 target / "fairscale_states.pt",
             )
 
-    def load(self, folder: Path, tag: str) -> dict[str, Any]:
+    def load(self, folder: Path, tag: str, saved_world_size: int) -> dict[str, Any]:
+        """The consolidated OSS state re-shards itself over this run's ranks."""
         state = torch.load(Path(folder) / tag / "fairscale_states.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -36,9 +36,10 @@ from .checkpoint import (
     set_aside,
 )
 from .config import ConfigError, RunConfig, flatten, model_overrides, to_yaml
-from .data import build_loader, dataset_identity, load_dataset_info
+from .data import Layout, build_loader, dataset_identity, load_dataset_info
+from .data.plan import batches_per_rank
 from .data.transforms import build_mixup
-from .engine import PRECISIONS, StepInfo, build_engine
+from .engine import PRECISIONS, StepInfo, build_engine, lr_lambda
 from .fs import atomic_write_text
 from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
 from .metrics import evaluate, mfu, peak_flops
@@ -140,9 +141,15 @@ class Trainer:
         self._build_model()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.env.rank)
         self.state = TrainState(
-            world_size=self.env.world_size, backend=cfg.engine.backend, zero_stage=cfg.engine.zero_stage
+            world_size=self.env.world_size,
+            backend=cfg.engine.backend,
+            zero_stage=cfg.engine.zero_stage,
+            data_workers=self.data_workers,
         )
         self.resumed_from = self._resume()
+        self.epoch_length = self._epoch_length()  # batches of the epoch in progress
+        self.max_steps = self._max_steps()
+        self.console.total_steps = self.max_steps
         self.sinks = Sinks(MetricsFile(self.run_dir / "metrics.jsonl", self.env.is_main), self._tracker(), self.console)
         self.mixup = build_mixup(cfg.data.augment, self.num_classes) if cfg.data.augment.recipe == "imagenet" else None
         dtype = PRECISIONS[cfg.engine.precision]
@@ -158,6 +165,8 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
         info = load_dataset_info(cfg.data.root)
+        self.train_samples = info.split(cfg.data.train_split).num_samples
+        self.data_workers = max(1, cfg.data.num_workers)  # a rank's sample span is cut per worker
         self.num_classes = cfg.model.num_classes or info.num_classes
         if self.num_classes != info.num_classes:
             raise ConfigError(
@@ -206,15 +215,62 @@ class Trainer:
             configured_lrs = self.engine.base_lrs()
             own_latest = restarted is not None or self.cfg.train.resume == "auto"
             folder, client_state = self._load_good(folder, fall_back=own_latest)
-            if any(key.startswith("optim.") for key in accepted):
-                self.engine.rebase_lr(configured_lrs)
-            if self.ema is not None and "ema" in client_state:
-                self.ema.module.load_state_dict(client_state["ema"])
             s = self.state
             self.console.say(f"resumed from {folder} (epoch {s.epoch}, batch {s.batch}, step {s.step})")
+            new_world = self._adopt_layout()
+            if new_world or any(key.startswith("optim.") for key in accepted):
+                self.engine.rebase_lr(configured_lrs)
+            if s.lr_origin != [0, 0.0]:  # this run changed world size once: its schedule is placed
+                origin = (int(s.lr_origin[0]), float(s.lr_origin[1]))
+                factor = lr_lambda(self.cfg, self.steps_per_epoch, self.env.world_size, origin)
+                self.engine.rebase_lr(self.engine.base_lrs(), factor)
+            if self.ema is not None and "ema" in client_state:
+                self.ema.module.load_state_dict(client_state["ema"])
         self.state.dataset_sha256 = dataset_sha
         self.checkpoints.clean_staging()
         return folder
+
+    def _adopt_layout(self) -> bool:
+        """A checkpoint written by another number of ranks (or loader workers): the epoch in
+        progress goes on with the samples its earlier layouts left, re-split over this run's
+        ranks, and the lr schedule is placed where the run stands in epochs (an epoch now has
+        another number of steps). Returns whether the world size changed."""
+        s, world, workers = self.state, self.env.world_size, self.data_workers
+        saved_world, saved_workers = s.world_size, s.data_workers or workers
+        if (saved_world, saved_workers) == (world, workers):
+            return False
+        done = sum(layout[2] for layout in s.layouts)
+        if s.batch > done:
+            s.layouts.append([saved_world, saved_workers, s.batch - done])
+        if saved_world != world:
+            saved_steps = batches_per_rank(self.train_samples, saved_world, self.cfg.data.batch_size, True)
+            origin_step, origin_epochs = s.lr_origin
+            s.lr_origin = [s.step, origin_epochs + (s.step - origin_step) / saved_steps]
+        s.world_size, s.data_workers = world, workers
+        left = self.train_loader.batches_left(s.epoch, self._layouts())
+        self.console.say(
+            f"resumed {saved_world} ranks x {saved_workers} loader workers on {world} x {workers}: epoch "
+            f"{s.epoch} goes on with its unread samples, {left} batches per rank"
+        )
+        return saved_world != world
+
+    def _layouts(self) -> list[Layout]:
+        return [Layout(*layout) for layout in self.state.layouts]
+
+    def _epoch_length(self) -> int:
+        """Batches of the epoch in progress: read one way, len(train_loader); after a resume on
+        another layout, those read before it plus what the rest of the epoch gives."""
+        s = self.state
+        if not s.layouts:
+            return self.steps_per_epoch
+        return sum(layout[2] for layout in s.layouts) + self.train_loader.batches_left(s.epoch, self._layouts())
+
+    def _max_steps(self) -> int:
+        """The step training ends at: the schedule's end (or train.max_steps, if sooner)."""
+        s, epochs = self.state, self.cfg.optim.epochs
+        total = s.step + (self.epoch_length - s.batch) + (epochs - s.epoch - 1) * self.steps_per_epoch
+        total = total if s.epoch < epochs else s.step
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
 
     def _own_run(self) -> RunLock | None:
         """Rank 0 takes the run folder's lock unless its launcher holds it for the workers; a
@@ -307,7 +363,7 @@ class Trainer:
                 self.checkpoint("every_steps")
                 if self.state.step >= self.max_steps:
                     break
-            if self.state.batch >= self.steps_per_epoch:
+            if self.state.batch >= self.epoch_length:
                 self._end_epoch()
             elif self.state.step >= self.max_steps:
                 self.checkpoint("max_steps")
@@ -400,8 +456,11 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the epoch's batches, timing how long the loop waits for each."""
         s = self.state
+        start = s.batch - sum(layout[2] for layout in s.layouts)  # in this layout's share of the epoch
         batches = self.console.progress(
-            self.train_loader.epoch(s.epoch, s.batch), self.steps_per_epoch - s.batch, f"epoch {s.epoch}"
+            self.train_loader.epoch(s.epoch, start, layouts=self._layouts()),
+            self.epoch_length - s.batch,
+            f"epoch {s.epoch}",
         )
         iterator = iter(batches)
         while True:
@@ -456,7 +515,7 @@ class Trainer:
         return {
             "progress/loss": total_loss / max(count, 1),
             "progress/lr": self.engine.lr(),
-            "progress/epoch": s.epoch + s.batch / self.steps_per_epoch,
+            "progress/epoch": s.epoch + s.batch / self.epoch_length,
             "progress/images_per_s": window.images / elapsed,
             "progress/data_wait_ms": wait_ms,
             "progress/step_ms": step_ms,
@@ -466,7 +525,8 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         s, cfg = self.state, self.cfg
-        s.epoch, s.batch = s.epoch + 1, 0
+        s.epoch, s.batch, s.layouts = s.epoch + 1, 0, []
+        self.epoch_length = self.steps_per_epoch
         epoch_loss = float(self.epoch_loss.loss_sum) / max(self.epoch_loss.steps, 1)
         s.eval_pending = s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs
         size = cfg.data.train_size(s.epoch - 1)  # data.progressive: the size this epoch trained at

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from lsa_dist.config import AugmentConfig, DataConfig, ProgressiveConfig
-from lsa_dist.data import PAD_LABEL, DatasetError, build_loader, load_dataset_info
+from lsa_dist.data import PAD_LABEL, DatasetError, Layout, build_loader, load_dataset_info
 from lsa_dist.data.convert import ConversionError, ConvertOptions, convert, summary
 from lsa_dist.data.imagenet import SourceError
 from lsa_dist.data.transforms import build_mixup, sample_transform
@@ -275,6 +275,38 @@ def test_resume_continues_with_exactly_the_samples_left(demo_shards: Path, fmt: 
     full = epoch_keys(loader, 3)
     assert epoch_keys(loader, 3, start) == full[start:]
     assert epoch_keys(loader, 3, len(full)) == []
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_an_epoch_resumed_on_other_world_sizes_reads_every_sample_once(demo_shards: Path, fmt: str) -> None:
+    """2 ranks x 2 workers read 9 batches, 1 rank x 1 worker 13 more (restarted once inside),
+    3 ranks x 2 workers the rest: no sample twice, none lost beyond one global batch of the
+    last layout. The shuffle buffer makes what a worker consumed other than a prefix of its span."""
+    cfg = dict(shuffle_buffer=100, batch_size=16)
+
+    def keys(world: int, workers: int, layouts: list[Layout], batches: int | None = None, start: int = 0) -> list:
+        loaders = [
+            build_loader(data_cfg(demo_shards, fmt, num_workers=workers, **cfg), "train", r, world, True, seed=7)
+            for r in range(world)
+        ]
+        lengths = {loader.batches_left(2, layouts) for loader in loaders}
+        assert len(lengths) == 1  # every rank has as many batches
+        out = []
+        for loader in loaders:
+            read = [ks for _, _, ks in loader.epoch(2, start, return_keys=True, layouts=layouts)]
+            out.append(read[:batches] if batches is not None else read)
+        return out
+
+    first = keys(2, 2, [], 9)
+    layouts = [Layout(2, 2, 9)]
+    second = keys(1, 1, layouts, 13)
+    assert keys(1, 1, layouts, 8, start=5) == [second[0][5:13]]  # a restart inside a layout continues it
+    layouts.append(Layout(1, 1, 13))
+    third = keys(3, 2, layouts)
+    read = [k for part in (first, second, third) for rank in part for batch in rank for k in batch]
+    assert len(read) == len(set(read))  # none twice
+    left = 1438 - 2 * 9 * 16 - 13 * 16
+    assert len(third[0]) == left // 48 and 1438 - len(read) == left % 48 < 3 * 16
 
 
 def test_resumed_batches_have_the_same_pixels(demo_shards: Path) -> None:

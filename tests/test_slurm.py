@@ -135,6 +135,17 @@ def test_multi_node_job_matches_the_local_run(
     assert runs[0].data.tags["sys.world_size"] == str(nodes * tasks) and runs[0].data.tags["sys.slurm_job_id"]
     rows = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
     print(f"{nodes} nodes x {tasks} tasks: submission to first step {rows[0]['time'] - start:.1f} s")
+    if nodes == 2:  # the run goes on with another node count: 4 ranks' checkpoint on 1 node x 2 tasks
+        args = ("--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30")
+        proc = slurm(cluster, tmp_path, "cluster", demo_shards, *args, "train.max_steps=20", "data.batch_size=8")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "resuming" in proc.stdout and "written by 4 ranks) on 2 ranks" in proc.stdout
+        (run,) = mlflow_runs(tmp_path, "cluster")
+        assert run.info.status == "FINISHED" and run.data.tags["sys.world_size"] == "2"
+        from mlflow import MlflowClient
+
+        history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 21))
 
 
 LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2

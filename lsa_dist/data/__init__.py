@@ -2,21 +2,23 @@
 
 The batch contract of both pipelines: an iterable of (images, labels) for this rank, images
 uint8 (B, 3, S, S), labels int64 (B,); -1 marks evaluation padding. `len(loader)` batches per
-epoch, the same on every rank. `loader.to_model_input(images)` turns a batch into model input
-on the device it is on: float32, normalised with the dataset's mean/std from dataset.json, and
-randomly erased when training the imagenet recipe.
+epoch, the same on every rank; an epoch resumed under another world size or worker count
+reads what the earlier layouts left (`layouts`, `batches_left`).
+`loader.to_model_input(images)` turns a batch into model input on the device it is on:
+float32, normalised with the dataset's mean/std from dataset.json, and randomly erased when
+training the imagenet recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
 
 from ..config import DataConfig
 from .dataset import DatasetError, DatasetInfo, dataset_identity, load_dataset_info
-from .plan import PAD_LABEL
+from .plan import PAD_LABEL, Layout
 
 
 class BatchLoader(Protocol):
@@ -28,7 +30,13 @@ class BatchLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[tuple]: ...
+    def epoch(
+        self, epoch: int, start_batch: int = 0, return_keys: bool = False, layouts: Sequence[Layout] = ()
+    ) -> Iterator[tuple]: ...
+
+    def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
+        """Batches of `epoch` read under this layout after `layouts` (len(self) without any)."""
+        ...
 
 
 def build_loader(
@@ -52,6 +60,7 @@ __all__ = [
     "BatchLoader",
     "DatasetError",
     "DatasetInfo",
+    "Layout",
     "build_loader",
     "dataset_identity",
     "load_dataset_info",

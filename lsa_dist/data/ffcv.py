@@ -23,7 +23,7 @@ import torch
 from ..config import DataConfig
 from ..fs import sha256_file
 from .dataset import DatasetError, DatasetInfo
-from .plan import PAD_LABEL, batches_per_rank, epoch_rng, rank_span
+from .plan import PAD_LABEL, Layout, batches_per_rank, epoch_rng, rank_span, remaining_sequence
 from .transforms import ModelInput, decode_pil, normalization
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -120,11 +120,28 @@ class FfcvLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def indices(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for `epoch`, in reading order."""
+    def indices(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
+        """This rank's sample indices for `epoch` (after `layouts`: of the samples they left), in
+        reading order."""
         order = epoch_rng(self.seed, epoch).permutation(self.num_samples) if self.train else np.arange(self.num_samples)
-        start, end = rank_span(self.num_samples, self.world_size, self.rank, self.batch_size, self.train)
-        return order[start:end]
+        sequence = self.sequence(epoch, layouts)
+        start, end = rank_span(len(sequence), self.world_size, self.rank, self.batch_size, self.train)
+        return order[sequence[start:end]]
+
+    def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
+        """Positions of the epoch's sample order still to be read after `layouts`."""
+        return remaining_sequence(self.num_samples, layouts if self.train else (), self._consumed)
+
+    def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
+        """The rank's batches of `epoch` under this layout, after `layouts`."""
+        if not (layouts and self.train):
+            return self.num_batches
+        return batches_per_rank(len(self.sequence(epoch, layouts)), self.world_size, self.batch_size, True)
+
+    def _consumed(self, sequence: np.ndarray, _k: int, layout: Layout, rank: int) -> np.ndarray:
+        # FFCV reads a rank's list in order, whatever its number of workers
+        start, _ = rank_span(len(sequence), layout.world_size, rank, self.batch_size, True)
+        return sequence[start : start + layout.batches * self.batch_size]
 
     def image_size(self, epoch: int) -> int:
         """The epoch's image size: data.progressive's when training, image_size when evaluating."""
@@ -182,15 +199,18 @@ class FfcvLoader:
         loader.first_traversal_order = indices
         return loader
 
-    def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[Batch]:
-        """The rank's batches start_batch .. num_batches-1 of `epoch`.
+    def epoch(
+        self, epoch: int, start_batch: int = 0, return_keys: bool = False, layouts: Sequence[Layout] = ()
+    ) -> Iterator[Batch]:
+        """The rank's batches start_batch .. of `epoch` (after `layouts`: of the samples they left).
 
         The samples and their order are deterministic; FFCV's crop and flip randomness is not.
         With `return_keys`, each batch also carries its samples' indices in the file (-1: padding).
         """
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
-        indices = self.indices(epoch)[start_batch * self.batch_size :]
+        num_batches = self.batches_left(epoch, layouts)
+        if not 0 <= start_batch <= num_batches:
+            raise ValueError(f"start_batch {start_batch} outside 0..{num_batches}")
+        indices = self.indices(epoch, layouts)[start_batch * self.batch_size : num_batches * self.batch_size]
         produced = start_batch
         if len(indices):
             for images, labels in self._loader(indices, self.image_size(epoch)):
@@ -202,7 +222,7 @@ class FfcvLoader:
                 keys = indices[taken : taken + len(labels)].tolist()
                 yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
                 produced += 1
-        while produced < self.num_batches:  # a rank with fewer evaluation samples
+        while produced < num_batches:  # a rank with fewer evaluation samples
             empty = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, dtype=torch.uint8)
             batch = self._pad(empty, torch.zeros(0, dtype=torch.long))
             yield (*batch, [-1] * self.batch_size) if return_keys else batch

@@ -2,13 +2,16 @@
 
 The contract both pipelines keep: every rank gets the same number of batches per epoch,
 ranks see disjoint samples, and the assignment depends only on (seed, epoch, world size,
-number of workers). Training drops the remainder that does not fill a batch on every rank;
-evaluation keeps every sample and pads the last batches with label -1.
+number of workers). A resume under another layout (world size, workers) mid-epoch reads the
+positions the earlier layouts left (`remaining_sequence`), cut the same way. Training drops
+the remainder that does not fill a batch on every rank; evaluation keeps every sample and pads
+the last batches with label -1.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,3 +59,34 @@ def worker_spans(num_batches: int, num_workers: int, batch_size: int) -> list[Wo
 def batches_to_skip(worker: int, num_workers: int, start_batch: int) -> int:
     """How many of its own batches worker `worker` has already delivered when the rank is at start_batch."""
     return len(range(worker, start_batch, num_workers))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch was read for a while: by `world_size` ranks with `workers` loader workers
+    each, for `batches` batches per rank (a layout that ended mid-epoch: a resume changed it)."""
+
+    world_size: int
+    workers: int
+    batches: int
+
+
+# which positions of `sequence` rank `rank` consumed under `layout` (the k-th of its epoch)
+Consumed = Callable[[np.ndarray, int, Layout, int], np.ndarray]
+
+
+def remaining_sequence(num_samples: int, layouts: Sequence[Layout], consumed: Consumed) -> np.ndarray:
+    """The positions of the epoch's sample sequence not yet read after the completed `layouts`,
+    in sequence order. Read under a new layout, the rest of the epoch sees every sample that
+    earlier layouts did not (none twice; those that do not fill a global batch are dropped)."""
+    sequence = np.arange(num_samples)
+    for k, layout in enumerate(layouts):
+        taken = [consumed(sequence, k, layout, rank) for rank in range(layout.world_size)]
+        sequence = sequence[~np.isin(sequence, np.concatenate(taken))]
+    return sequence
+
+
+def layout_seed(*parts: int, layout: int = 0) -> np.random.Generator:
+    """epoch_rng(*parts) for the epoch's first layout (unchanged seeds for ordinary runs), and
+    a distinct stream for each layout a resume on another world size started."""
+    return epoch_rng(*parts) if layout == 0 else epoch_rng(*parts, 1_000_003, layout)

@@ -9,8 +9,10 @@ each worker's span up to where it stopped without decoding what it skips.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig
 from ..rng import seeded
 from .dataset import DatasetError, DatasetInfo
-from .plan import PAD_LABEL, batches_per_rank, batches_to_skip, epoch_rng, rank_span, worker_spans
+from .plan import (
+    PAD_LABEL,
+    Layout,
+    batches_per_rank,
+    batches_to_skip,
+    epoch_rng,
+    layout_seed,
+    rank_span,
+    remaining_sequence,
+    worker_spans,
+)
 from .transforms import ModelInput, normalization, sample_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -60,14 +72,18 @@ class WebDatasetLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def epoch(self, epoch: int, start_batch: int = 0, return_keys: bool = False) -> Iterator[Batch]:
-        """The rank's batches start_batch .. num_batches-1 of `epoch`.
+    def epoch(
+        self, epoch: int, start_batch: int = 0, return_keys: bool = False, layouts: Sequence[Layout] = ()
+    ) -> Iterator[Batch]:
+        """The rank's batches start_batch .. of `epoch`; after `layouts` (earlier ways this epoch
+        was read: another world size or worker count), batches of the samples they left.
 
         With `return_keys`, each batch also carries its samples' keys ("" for padding).
         """
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
-        stream = _EpochStream(self, epoch, start_batch, return_keys)
+        if not 0 <= start_batch <= self.batches_left(epoch, layouts):
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_left(epoch, layouts)}")
+        sequence = self.sequence(epoch, layouts)
+        stream = _EpochStream(self, epoch, start_batch, return_keys, sequence, len(layouts))
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -78,45 +94,76 @@ class WebDatasetLoader:
         )
         yield from loader
 
+    # -- the epoch's plan -------------------------------------------------------------------
+    def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
+        """Positions of the epoch's sample sequence still to be read after `layouts`."""
+        consumed = functools.partial(self._consumed, epoch)
+        return remaining_sequence(self.split_info.num_samples, layouts if self.train else (), consumed)
+
+    def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
+        """The rank's batches of `epoch` under this layout, after `layouts`."""
+        if not (layouts and self.train):
+            return self.num_batches
+        return batches_per_rank(len(self.sequence(epoch, layouts)), self.world_size, self.batch_size, True)
+
+    def _consumed(self, epoch: int, sequence: np.ndarray, k: int, layout: Layout, rank: int) -> np.ndarray:
+        per_rank = batches_per_rank(len(sequence), layout.world_size, self.batch_size, True) * self.batch_size
+        taken = []
+        for span in worker_spans(per_rank // self.batch_size, layout.workers, self.batch_size):
+            start = rank * per_rank + span.start
+            positions = sequence[start : start + span.num_batches * self.batch_size]
+            count = batches_to_skip(span.worker, layout.workers, layout.batches) * self.batch_size
+            mixed = self.mix(iter(positions.tolist()), epoch, rank, span.worker, k)
+            taken.append(np.fromiter(itertools.islice(mixed, count), dtype=np.int64, count=count))
+        return np.concatenate(taken)
+
+    def mix(self, stream: Iterator[Any], epoch: int, rank: int, worker: int, layout: int) -> Iterator[Any]:
+        """A worker's samples through its seeded shuffle buffer (training); the order does not
+        depend on what the samples are, so a plan can replay it on positions."""
+        if not (self.train and self.shuffle_buffer > 1):
+            return stream
+        seed = int(layout_seed(self.seed, epoch, rank, worker, layout=layout).integers(2**31))
+        shuffle: Callable = webdataset.filters.shuffle(
+            self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)
+        )
+        return shuffle(stream)
+
     # -- what one worker reads --------------------------------------------------------------
     def shard_order(self, epoch: int) -> np.ndarray:
         n = len(self.urls)
         return epoch_rng(self.seed, epoch).permutation(n) if self.train else np.arange(n)
 
-    def raw_samples(self, epoch: int, start: int, stop: int, end: int) -> Iterator[dict[str, Any] | None]:
-        """Samples at positions [start, stop) of the epoch's sample sequence; None from `end` on
-        (past the rank's last real sample: evaluation pads its last batches)."""
+    def raw_samples(self, epoch: int, positions: np.ndarray) -> Iterator[dict[str, Any] | None]:
+        """The samples at `positions` (ascending) of the epoch's sample sequence; None for each
+        position -1 (past the rank's last real sample: evaluation pads its last batches)."""
         order = self.shard_order(epoch)
-        real_stop = min(stop, end)
-        offset = 0
-        for shard in order:
-            if offset >= real_stop:
-                break
-            count = self.counts[shard]
-            lo, hi = max(start, offset), min(real_stop, offset + count)
+        real = positions[positions >= 0]
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(self.counts)[order])])
+        for i, shard in enumerate(order):
+            lo, hi = np.searchsorted(real, [offsets[i], offsets[i + 1]])
             if lo < hi:
-                yield from self._read_shard(shard, lo - offset, hi - offset)
-            offset += count
-        for _ in range(max(start, real_stop), stop):
+                yield from self._read_shard(shard, real[lo:hi] - offsets[i])
+        for _ in range(len(positions) - len(real)):
             yield None
 
-    def _read_shard(self, shard: int, skip: int, stop: int) -> Iterator[dict[str, Any]]:
-        url = self.urls[shard]
+    def _read_shard(self, shard: int, wanted: np.ndarray) -> Iterator[dict[str, Any]]:
+        """The shard's samples at the (ascending) indices `wanted`; the others are read past,
+        not decoded."""
+        url, wanted_set, last = self.urls[shard], set(wanted.tolist()), int(wanted[-1])
         seen = 0
         try:
             for sample in webdataset.tariterators.tarfile_samples([{"url": url}]):
-                if seen >= skip:
+                if seen in wanted_set:
                     yield sample
                 seen += 1
-                if seen >= stop:
+                if seen > last:
                     return
         except Exception as err:  # noqa: BLE001 - tar, I/O and subprocess errors alike
             raise DatasetError(f"cannot read shard {url}: {err}") from err
-        if seen < stop:
-            raise DatasetError(
-                f"shard {url} holds {seen} samples but dataset.json records {self.counts[shard]}: "
-                "it is truncated or from another conversion"
-            )
+        raise DatasetError(
+            f"shard {url} holds {seen} samples but dataset.json records {self.counts[shard]}: "
+            "it is truncated or from another conversion"
+        )
 
     def image_size(self, epoch: int) -> int:
         """The epoch's image size: data.progressive's when training, image_size when evaluating."""
@@ -149,9 +196,18 @@ def _worker_init(_: int) -> None:
 
 
 class _EpochStream(IterableDataset):
-    def __init__(self, loader: WebDatasetLoader, epoch: int, start_batch: int, return_keys: bool) -> None:
+    def __init__(
+        self,
+        loader: WebDatasetLoader,
+        epoch: int,
+        start_batch: int,
+        return_keys: bool,
+        sequence: np.ndarray,
+        layout: int,
+    ) -> None:
         super().__init__()
         self.loader, self.epoch, self.start_batch, self.return_keys = loader, epoch, start_batch, return_keys
+        self.sequence, self.layout = sequence, layout
 
     def __iter__(self) -> Iterator[Batch]:
         ld = self.loader
@@ -160,17 +216,14 @@ class _EpochStream(IterableDataset):
         # DataLoader hands out batches round robin from worker 0; after a restart at batch k the
         # next batch belongs to logical worker k % workers, so roles are rotated.
         logical = (index + self.start_batch) % workers
-        span = worker_spans(ld.num_batches, workers, ld.batch_size)[logical]
-        rank_start, rank_end = rank_span(ld.split_info.num_samples, ld.world_size, ld.rank, ld.batch_size, ld.train)
+        size = len(self.sequence)
+        num_batches = batches_per_rank(size, ld.world_size, ld.batch_size, ld.train)
+        span = worker_spans(num_batches, workers, ld.batch_size)[logical]
+        rank_start, rank_end = rank_span(size, ld.world_size, ld.rank, ld.batch_size, ld.train)
         start = rank_start + span.start
-        stop = start + span.num_batches * ld.batch_size
-        stream: Iterator[dict[str, Any] | None] = ld.raw_samples(self.epoch, start, stop, rank_end)
-        if ld.train and ld.shuffle_buffer > 1:
-            seed = int(epoch_rng(ld.seed, self.epoch, ld.rank, logical).integers(2**31))
-            shuffle: Callable = webdataset.filters.shuffle(
-                ld.shuffle_buffer, initial=ld.shuffle_buffer, rng=random.Random(seed)
-            )
-            stream = shuffle(stream)
+        where = np.arange(start, start + span.num_batches * ld.batch_size)
+        positions = np.where(where < rank_end, self.sequence[np.minimum(where, size - 1)], -1)
+        stream = ld.mix(ld.raw_samples(self.epoch, positions), self.epoch, ld.rank, logical, self.layout)
         skipped = batches_to_skip(logical, workers, self.start_batch)
         batch: list[dict[str, Any] | None] = []
         for position, sample in enumerate(stream):
@@ -181,7 +234,8 @@ class _EpochStream(IterableDataset):
                 # the rank's batch number: augmentation randomness depends on it alone, so a
                 # restarted epoch reproduces the pixels of the uninterrupted one
                 number = logical + (position // ld.batch_size) * workers
-                with seeded(int(epoch_rng(ld.seed, self.epoch, ld.rank, number).integers(2**63))):
+                seed = layout_seed(ld.seed, self.epoch, ld.rank, number, layout=self.layout)
+                with seeded(int(seed.integers(2**63))):
                     yield ld.make_batch(batch, self.return_keys, self.epoch)
                 batch = []
 
