@@ -124,12 +124,13 @@ class CheckpointManager:
         """Restore the engine, this rank's RNG states and the training state from `folder`."""
         folder = Path(folder)
         saved_world_size = int(read_meta(folder).get("world_size", 1))
+        vet(folder)
         try:
             client_state = engine.load(folder.parent, folder.name, saved_world_size)
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many types for bad files
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = _first_line(err)
             raise CheckpointError(f"cannot load checkpoint {folder}: {first}") from err
         rng_path = folder / "rng" / f"rank{self.rank}.pt"
         if rng_path.is_file():
@@ -291,6 +292,41 @@ def check_compatible(folder: Path, new: dict[str, Any], dataset_sha256: str, acc
     return list(changes)
 
 
+# classes DeepSpeed pickles into its optimizer files beside tensors and plain containers: the
+# only ones a checkpoint may name before anything of it is unpickled
+TRUSTED_GLOBALS = frozenset(
+    {
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    }
+)
+
+
+def vet(folder: Path) -> None:
+    """CheckpointError unless every file of the checkpoint unpickles to tensors, plain containers
+    and TRUSTED_GLOBALS only. DeepSpeed loads its files with full unpickling (which runs whatever
+    code a file names); this reads each file's pickle without running it, first."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            unsafe = set(get_unsafe_globals_in_checkpoint(str(path))) - TRUSTED_GLOBALS
+        except Exception as err:  # noqa: BLE001 - not a torch file, truncated zip, ...
+            raise CheckpointError(f"{path} is not a readable checkpoint file ({_first_line(err)})") from err
+        if unsafe:
+            raise CheckpointError(
+                f"{path} names code that loading it would run ({', '.join(sorted(unsafe)[:3])}): not a checkpoint "
+                "this project wrote; refusing to load it"
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _to_bytes(obj: Any) -> bytes:
     import io
 
@@ -313,17 +349,19 @@ def export_fp32(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         return _export_stage0(folder), meta
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    vet(folder)  # DeepSpeed's reader unpickles in full
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {k: v.float().contiguous() for k, v in state.items()}, meta
 
 
 def _export_stage0(folder: Path) -> dict[str, torch.Tensor]:
-    model_states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    model_states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     module = {k: v.float() for k, v in model_states["module"].items()}
     optim_files = sorted(folder.glob("*_optim_states.pt"))
     if not optim_files:
         return module
-    optim = torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    with torch.serialization.safe_globals([_trusted_class(name) for name in sorted(TRUSTED_GLOBALS)]):
+        optim = torch.load(optim_files[0], map_location="cpu", weights_only=True)["optimizer_state_dict"]
     groups = optim.get("fp32_groups") or optim.get("single_partition_of_fp32_groups")
     if not groups:
         return module
@@ -335,6 +373,13 @@ def _export_stage0(folder: Path) -> dict[str, torch.Tensor]:
             out[name] = flat[offset : offset + n].view(shape).clone()
             offset += n
     return out
+
+
+def _trusted_class(name: str) -> Any:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def save_model_file(path: Path, model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
@@ -358,7 +403,7 @@ def load_model_file(path: str | Path) -> torch.nn.Module:
         model = LSA(LSAConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as err:  # noqa: BLE001 - corrupt or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise CheckpointError(f"cannot load model file {path}: {first}") from err
     return model
 
@@ -386,7 +431,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise CheckpointError(f"model.init_from: cannot read {path}: {first}") from err
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -286,3 +286,31 @@ def test_every_engine_continues_on_another_world_size(tmp_path: Path) -> None:
             assert checks["weights_equal"] and checks["lr_equal"] and checks["next_lr_equal"], (name, checks)
             assert checks["next_step_max_diff"] < 1e-6 and checks["step_moved"] > 1e-4, (name, checks)
     assert not list(tmp_path.glob("*/checkpoints/.universal"))  # the converted copies are removed
+
+
+class _RunsCode:
+    """A pickle that runs a command when loaded: what a hostile checkpoint file holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_unread(process_group, tmp_path: Path) -> None:
+    """DeepSpeed unpickles its files in full; every file is checked for the classes it names
+    first (tensors, containers and DeepSpeed's own bookkeeping only), for resume and export."""
+    engine = make_engine(0)
+    train_one_step(engine)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3, rank=0)
+    folder = manager.save(engine, TrainState(step=1, zero_stage=1), "")
+    assert export_fp32(folder)[0]  # DeepSpeed's own files pass
+    marker = tmp_path / "ran"
+    (optim,) = folder.glob("*optim_states.pt")
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, optim)
+    for attempt in (lambda: export_fp32(folder), lambda: manager.load(make_engine(1), folder)):
+        with pytest.raises(CheckpointError) as err:
+            attempt()
+        assert "names code that loading it would run (posix.system)" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()

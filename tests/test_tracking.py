@@ -314,3 +314,30 @@ def test_a_crashed_run_ends_failed_with_its_metrics(demo_shards: Path, tmp_path:
     logged = {json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train/loss"' in line}
     history = {m.step for m in client(uri).get_metric_history(run.info.run_id, "train/loss")}
     assert history == logged and len(logged) >= 5
+
+
+def test_compare_runs_takes_the_best_by_the_metrics_direction(tmp_path: Path) -> None:
+    """A loss is best at its lowest point (not its last), top-1 at its highest; the curves plot
+    draws the best runs; --mode overrides the direction."""
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path / 'dir.db'}"
+    c = client(uri)
+    experiment = c.create_experiment("dir", artifact_location=(tmp_path / "artifacts").as_uri())
+    histories = {"low": [2.0, 0.5, 0.9], "middle": [2.0, 1.0, 0.8], "high": [2.0, 1.5, 1.4]}
+    for name, values in histories.items():
+        run = c.create_run(experiment, run_name=name)
+        metrics = [Metric("val/loss", v, 0, step) for step, v in enumerate(values, 1)]
+        c.log_batch(run.info.run_id, metrics=metrics)
+        c.set_terminated(run.info.run_id)
+    out = tmp_path / "o"
+    args = ("--experiment", "dir", "--uri", uri, "--metric", "val/loss", "--plot-runs", "1", "--out", str(out))
+    proc = compare_runs(*args)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert {name: float(r["val/loss best"]) for name, r in rows.items()} == {"low": 0.5, "middle": 0.8, "high": 1.4}
+    assert float(rows["low"]["val/loss last"]) == 0.9
+    assert "best: val/loss lowest" in proc.stdout and "curves of the 1 best runs by val/loss best: low" in proc.stdout
+    proc = compare_runs(*args, "--mode", "max")
+    rows = {r["run"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert float(rows["high"]["val/loss best"]) == 2.0 and "best: val/loss highest" in proc.stdout

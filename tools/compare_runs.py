@@ -6,8 +6,10 @@
 
 The table has one row per run: its name, the params that differ between the runs (all of
 them with --all-params), the best and the last value of each chosen metric, throughput,
-duration and status. Runs come from one search (hundreds of runs stay fast); only the runs
-drawn in the training-curve plot have their metric histories fetched (--plot-runs, best first).
+duration and status. Best is the lowest value for loss, error, time and memory metrics and
+the highest for the rest (--mode min|max decides otherwise); the curves plot draws the best
+runs (--plot-runs). Runs come from one search; metric histories are fetched only where a
+best value needs them (top-1 logs its own best-so-far) and for the runs plotted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SYSTEM_PREFIXES = ("params.tracking.", "params.train.output_dir", "params.data.root", "params.train.name")
+# metrics where lower is better (loss, error, time, memory); the others (top-1, throughput, MFU) higher
+LOWER_IS_BETTER = ("loss", "error", "err_", "_ms", "eta", "mem", "time", "first_step_s", "duration")
+
+
+def direction(metric: str, mode: str = "auto") -> str:
+    """'min' or 'max': which end of a metric is its best (`mode` overrides the guess by name)."""
+    if mode != "auto":
+        return mode
+    return "min" if any(word in metric.lower() for word in LOWER_IS_BETTER) else "max"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -64,7 +75,22 @@ def differing_params(runs: Any, show_all: bool) -> list[str]:
     return sorted(c for c in cols if runs[c].astype(str).nunique(dropna=False) > 1)
 
 
-def build_table(runs: Any, metrics: list[str], params: list[str]) -> Any:
+def best_values(uri: str, runs: Any, metric: str, goal: str) -> list[float]:
+    """Each run's best value of `metric`: its logged best-so-far (`<metric>_best`, kept for
+    top-1) when that is the direction asked for, else the min or max of its history."""
+    from mlflow import MlflowClient
+
+    logged = runs.get(f"metrics.{metric}_best")
+    if logged is not None and goal == "max" and logged.notna().all():
+        return list(logged)
+    client, out = MlflowClient(uri), []
+    for run_id in runs["run_id"]:
+        values = [m.value for m in client.get_metric_history(run_id, metric) if not math.isnan(m.value)]
+        out.append((min(values) if goal == "min" else max(values)) if values else math.nan)
+    return out
+
+
+def build_table(runs: Any, metrics: list[str], params: list[str], uri: str, mode: str = "auto") -> Any:
     import pandas as pd
 
     table = pd.DataFrame(
@@ -74,9 +100,9 @@ def build_table(runs: Any, metrics: list[str], params: list[str]) -> Any:
         table[col[len("params.") :]] = runs[col]
     for metric in metrics:
         last = runs.get(f"metrics.{metric}")
-        best = runs.get(f"metrics.{metric}_best")
         table[f"{metric} last"] = last if last is not None else math.nan
-        table[f"{metric} best"] = best if best is not None else table[f"{metric} last"]
+        has_values = last is not None and last.notna().any()
+        table[f"{metric} best"] = best_values(uri, runs, metric, direction(metric, mode)) if has_values else math.nan
     table["images/s"] = runs.get("metrics.train/images_per_s", math.nan)
     start, end = runs["start_time"], runs["end_time"]
     table["duration min"] = ((end - start).dt.total_seconds() / 60).round(2)
@@ -84,7 +110,7 @@ def build_table(runs: Any, metrics: list[str], params: list[str]) -> Any:
     return table
 
 
-def plot_curves(uri: str, table: Any, metrics: list[str], out: Path, max_runs: int) -> Path:
+def plot_curves(uri: str, table: Any, metrics: list[str], out: Path, max_runs: int, mode: str = "auto") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +119,9 @@ def plot_curves(uri: str, table: Any, metrics: list[str], out: Path, max_runs: i
 
     client = MlflowClient(uri)
     key = f"{metrics[0]} best"
-    chosen = table.sort_values(key, ascending=False, na_position="last").head(max_runs)
+    ascending = direction(metrics[0], mode) == "min"
+    chosen = table.sort_values(key, ascending=ascending, na_position="last").head(max_runs)
+    print(f"curves of the {len(chosen)} best runs by {key}: {', '.join(chosen['run'])}")
     curves = list(dict.fromkeys([*metrics, "train/loss"]))
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
     for ax, metric in zip(axes[0], curves):
@@ -164,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--param", default=None, help="param for the final-metric chart (default: the first differing one)"
     )
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "min", "max"],
+        default="auto",
+        help="which end of the metrics is best (auto: loss, error, time and memory lowest, the rest highest)",
+    )
     parser.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
     parser.add_argument("--plot-runs", type=int, default=10, help="runs drawn in the curves plot, best first")
     parser.add_argument("--out", type=Path, default=None, help="write comparison.csv and PNG plots here")
@@ -176,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     runs = search(uri, args.experiment, args.runs, args.filter)
     params = differing_params(runs, args.all_params)
-    table = build_table(runs, metrics, params)
+    table = build_table(runs, metrics, params, uri, args.mode)
     searched = time.perf_counter() - start
 
     import pandas as pd
@@ -194,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(shown.to_string(index=False))
     which = "all" if args.all_params else "those that differ"
-    print(f"\n{len(table)} runs from {uri} in {searched:.2f} s; params shown: {which}")
+    goals = ", ".join(f"{m} {'lowest' if direction(m, args.mode) == 'min' else 'highest'}" for m in metrics)
+    print(f"\n{len(table)} runs from {uri} in {searched:.2f} s; params shown: {which}; best: {goals}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out / "comparison.csv", index=False)
-        written = [args.out / "comparison.csv", plot_curves(uri, table, metrics, args.out, args.plot_runs)]
+        written = [args.out / "comparison.csv", plot_curves(uri, table, metrics, args.out, args.plot_runs, args.mode)]
         param = args.param or next((p[len("params.") :] for p in params), None)
         if param is not None:
             if param not in table.columns:
