@@ -28,6 +28,7 @@ from lsa_dist import dist as D  # noqa: E402
 from lsa_dist.config import RunConfig  # noqa: E402
 from lsa_dist.elastic import Echo, Outcome, SurvivingStdout, WorkerExit, run_workers, tail  # noqa: E402
 from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
+from lsa_dist.redact import redact_text  # noqa: E402
 from lsa_dist.tracking import PENDING, RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def report(cfg: RunConfig, outcome: Outcome, offsets: dict[int, int], run_id: st
     restarted = f" after {outcome.restarts} restart(s)" if outcome.restarts else ""
     print(f"\nrun folder{restarted}: {run_dir} (metrics.jsonl, checkpoints/, model.pt, logs/)")
     if run_id and run_id != PENDING:
-        print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {run_id})")
+        print(f"MLflow: mlflow ui --backend-store-uri {redact_text(tracking_uri(cfg))}  (run {run_id})")
     return cli.EXIT_OK
 
 

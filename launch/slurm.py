@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.config import RunConfig, to_yaml  # noqa: E402
+from lsa_dist.config import RunConfig, redacted_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
 from lsa_dist.lock import RunLock  # noqa: E402
 
@@ -175,7 +175,7 @@ def dry_run(cfg: RunConfig, params: dict[str, Any], job_dir: Path | None) -> int
     """Print the resolved config and the sbatch script submitit would submit."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    print("# resolved config\n" + to_yaml(cfg))
+    print("# resolved config (secrets redacted)\n" + redacted_yaml(cfg))
     sbatch = {k[len("slurm_") :] if k.startswith("slurm_") else k: v for k, v in params.items()}
     sbatch["ntasks_per_node"] = sbatch.pop("tasks_per_node")
     sbatch["time"] = sbatch.pop("timeout_min")

@@ -24,7 +24,7 @@ import torch
 
 from . import dist as D
 from . import rng
-from .fs import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
+from .fs import OWNER_ONLY, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -102,7 +102,7 @@ class CheckpointManager:
         atomic_write_bytes(rng_dir / f"rank{self.rank}.pt", buffer)
         D.barrier()
         if self.rank == 0:
-            atomic_write_bytes(self.staging / tag / "config.yaml", config_yaml.encode())
+            atomic_write_bytes(self.staging / tag / "config.yaml", config_yaml.encode(), OWNER_ONLY)
             meta = {"tag": tag, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(state)}
             atomic_write_json(self.staging / tag / META, meta)
             fsync_tree(self.staging / tag)  # every rank's files (the barrier above: all written)

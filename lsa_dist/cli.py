@@ -18,7 +18,8 @@ from .checkpoint import CheckpointError, check_compatible, check_resumable, chec
 from .config import ConfigError, RunConfig, flatten, load_config, to_yaml
 from .data import DatasetError, dataset_identity, load_dataset_info
 from .dist import check_precision
-from .fs import atomic_write_text
+from .fs import OWNER_ONLY, atomic_write_text
+from .redact import redact_text
 from .tracking import prepare
 
 EXIT_OK = 0
@@ -44,7 +45,7 @@ def config_parser(doc: str, config_required: bool = True) -> argparse.ArgumentPa
 
 def fail(err: BaseException) -> int:
     """Print `error: <message>` on one line and return the bad-input exit code."""
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    print(f"error: {redact_text(str(err))}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
 
 
@@ -88,5 +89,5 @@ def prepare_run(cfg: RunConfig, previous_run_id: str, config_name: str) -> tuple
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / config_name
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, to_yaml(cfg), OWNER_ONLY)
     return path, prepare(cfg, previous_run_id)

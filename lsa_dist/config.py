@@ -353,6 +353,13 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def redacted_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML with its secrets replaced by *** (what MLflow and dry runs show)."""
+    from .redact import redact_tree
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+
+
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: readers never see half a file."""
+def atomic_write_bytes(path: Path, payload: bytes, mode: int | None = None) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: readers never see half a
+    file. `mode` (0o600 for files that may hold secrets) is set before anything is written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        if mode is not None:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
+            os.chmod(tmp, mode)  # whatever the umask
         with tmp.open("wb") as f:
             f.write(payload)
             f.flush()
@@ -27,8 +31,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), mode)
+
+
+OWNER_ONLY = 0o600  # resolved configs: they may hold credentials (tracking.uri, data.urls)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -13,8 +13,9 @@
   server answers, sending the params, tags and artifacts it held back and the spooled metrics.
 - Runs end FINISHED, KILLED (stopped on request) or FAILED (crashed: by rank 0 on its way
   out, or by the local launcher when rank 0 died).
-- Params are the flattened resolved config; values of keys that look secret are redacted,
-  and no environment variable is logged.
+- Params are the flattened resolved config and the config artifact its YAML, both with secrets
+  redacted (lsa_dist.redact: URL credentials, signed-URL parameters, secret-looking keys), as
+  are the backend's address in messages; no environment variable is logged.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import os
 import platform
 import queue
-import re
 import subprocess
 import sys
 import threading
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, flatten
+from .redact import redact_params, redact_text
 
-SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
-REDACTED = "***"
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
 PENDING = "pending"  # the run is created by rank 0 once the server answers
 SPOOL_NAME = "mlflow_pending.jsonl"
@@ -50,15 +49,6 @@ def tracking_uri(cfg: RunConfig) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
-
-
-def redact(params: dict[str, Any]) -> dict[str, str]:
-    """Stringified params with secret-looking keys (token, password, ...) redacted."""
-    out = {}
-    for key, value in params.items():
-        text = REDACTED if SECRET.search(key) else str(value)
-        out[key] = text[:6000]  # MLflow's param value limit
-    return out
 
 
 def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
@@ -94,8 +84,8 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
         return _open_run(cfg, uri, run_id)
     except Exception as err:  # noqa: BLE001
         print(
-            f"warning: MLflow at {uri} is unreachable ({_first_line(err)}); training starts now and the run "
-            f"is created when the server answers (metrics wait in {cfg.run_dir / SPOOL_NAME})",
+            f"warning: MLflow at {redact_text(uri)} is unreachable ({_first_line(err)}); training starts now and "
+            f"the run is created when the server answers (metrics wait in {cfg.run_dir / SPOOL_NAME})",
             file=sys.stderr,
         )
         return PENDING
@@ -112,7 +102,7 @@ def _open_run(cfg: RunConfig, uri: str, run_id: str) -> str:
                 client.update_run(run_id, status="RUNNING")
                 return run_id
         except Exception:  # noqa: BLE001 - a run id from another backend: start a new run
-            warnings.warn(f"MLflow run {run_id} not found at {uri}; starting a new run", stacklevel=3)
+            warnings.warn(f"MLflow run {run_id} not found at {redact_text(uri)}; starting a new run", stacklevel=3)
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or cfg.train.name)
     return run.info.run_id
 
@@ -137,6 +127,11 @@ def run_id_for(cfg: RunConfig, previous: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first line, secrets redacted (a connection error names the URL it tried)."""
+    return redact_text(_plain_first_line(err))
+
+
+def _plain_first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
 
@@ -192,6 +187,7 @@ class Tracker:
         self.run_id = "" if run_id == PENDING else run_id
         self.previous = previous
         self.uri = tracking_uri(cfg)
+        self.shown_uri = redact_text(self.uri)  # for messages: without credentials
         self.spool = spool
         self.warned = run_id == PENDING  # the launcher (or prepare here) has said so already
         self.dropped = 0  # metrics that did not fit in the spool
@@ -210,7 +206,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         """Params not yet in the run (a continued run keeps its first values)."""
         if self.enabled:
-            self._call(lambda: self._log_new_params(redact(params)))
+            self._call(lambda: self._log_new_params(redact_params(params)))
 
     def _log_new_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -268,7 +264,7 @@ class Tracker:
         self._flush()
         if not self.run_id:
             print(
-                f"warning: MLflow at {self.uri} never answered: the run's metrics are kept in {self.spool}; "
+                f"warning: MLflow at {self.shown_uri} never answered: the run's metrics are kept in {self.spool}; "
                 "run the same command again when it is back to send them",
                 file=sys.stderr,
             )
@@ -295,7 +291,7 @@ class Tracker:
         if not self.warned:
             self.warned = True
             print(
-                f"warning: MLflow at {self.uri} is unreachable ({_first_line(err)}); metrics are kept in "
+                f"warning: MLflow at {self.shown_uri} is unreachable ({_first_line(err)}); metrics are kept in "
                 f"{self.spool} and sent when it is back. Training continues.",
                 file=sys.stderr,
             )
@@ -345,7 +341,7 @@ class Tracker:
         with self.lock:
             self.run_id = run_id
         self.warned = False
-        print(f"MLflow at {self.uri} is back: run {run_id}", file=sys.stderr)
+        print(f"MLflow at {self.shown_uri} is back: run {run_id}", file=sys.stderr)
         self._send_held()
         return True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import cli
 from . import dist as D
 from .config import RunConfig
+from .redact import redact_text
 from .trainer import Result, Trainer
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -41,7 +42,7 @@ def run_worker(cfg: RunConfig) -> int:
     except cli.USER_ERRORS as err:
         code = cli.fail(err)
     except Exception:
-        traceback.print_exc()
+        print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
         code = cli.EXIT_CRASH
     else:
         code = cli.EXIT_OK if result.status == "finished" else cli.EXIT_STOPPED

@@ -35,12 +35,12 @@ from .checkpoint import (
     save_model_file,
     set_aside,
 )
-from .config import ConfigError, RunConfig, flatten, model_overrides, to_yaml
+from .config import ConfigError, RunConfig, flatten, model_overrides, redacted_yaml, to_yaml
 from .data import Layout, build_loader, dataset_identity, load_dataset_info
 from .data.plan import batches_per_rank
 from .data.transforms import build_mixup
 from .engine import PRECISIONS, StepInfo, build_engine, lr_lambda
-from .fs import atomic_write_text
+from .fs import OWNER_ONLY, atomic_write_text
 from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
@@ -134,7 +134,10 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml, OWNER_ONLY)  # may hold credentials
+            shown = self.run_dir / "mlflow" / "config.yaml"  # what MLflow gets: secrets redacted
+            shown.parent.mkdir(exist_ok=True)
+            atomic_write_text(shown, redacted_yaml(cfg))
         D.barrier()
         self._build_data()
         self.console = Console(self.env.is_main, cfg.optim.epochs, self.max_steps)
@@ -339,7 +342,7 @@ class Trainer:
             tracker.log_config(cfg)
             tags = system_info(self.env.world_size, self.env.num_nodes, self.state.dataset_sha256)
             tracker.set_tags({f"sys.{k}": v for k, v in tags.items()})
-            tracker.log_artifact(self.run_dir / "config.yaml")
+            tracker.log_artifact(self.run_dir / "mlflow" / "config.yaml")
             if self.fallback:
                 tracker.set_tags({"resume.fallback": self.fallback})
         return tracker

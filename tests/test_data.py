@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -413,6 +414,53 @@ def shards_copy(demo_shards: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(demo_shards, copy, ignore=shutil.ignore_patterns("ffcv"))
     return copy
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("shard", "x;touch {marker};#.tar"), ("shard", "../../outside.tar"), ("wds_dir", "/etc"), ("ffcv", "../x.beton")],
+)
+def test_names_in_dataset_json_that_are_not_safe_file_names_are_refused(
+    shards_copy: Path, field: str, value: str
+) -> None:
+    """dataset.json's names go into paths and into `pipe:` commands run by a shell: shell syntax,
+    '..' and absolute paths are refused when the file is read, before anything runs."""
+    marker = shards_copy / "ran"
+    manifest_path = shards_copy / "dataset.json"
+    manifest = json.loads(manifest_path.read_text())
+    value = value.format(marker=marker)
+    if field == "shard":
+        manifest["splits"]["val"]["shards"][0]["name"] = value
+    elif field == "wds_dir":
+        manifest["wds_dir"] = value
+    else:
+        manifest["splits"]["val"]["ffcv"] = {"name": value, "bytes": 1}
+    manifest_path.write_text(json.dumps(manifest))
+    cfg = data_cfg(shards_copy, urls=f"pipe:cat {shards_copy}/wds/{{shard}}")
+    with pytest.raises(DatasetError) as err:
+        build_loader(cfg, "val", 0, 1, train=False)
+    assert f"{value!r} is not a safe file name" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_shard_names_are_quoted_for_the_shell_in_pipe_urls(shards_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a name that got past the check reaches a `pipe:` command as one quoted word: the
+    shell runs `cat` on the file of that name, nothing else."""
+    from lsa_dist.data.wds import WebDatasetLoader
+
+    monkeypatch.chdir(shards_copy)  # where the shell would create the file
+    marker = shards_copy / "ran"
+    hostile = "a;touch ran;#.tar"
+    info = load_dataset_info(shards_copy)
+    first = info.splits["val"].shards[0]
+    (shards_copy / "wds" / first.name).rename(shards_copy / "wds" / hostile)
+    val = info.splits["val"]
+    shards = (dataclasses.replace(first, name=hostile), *val.shards[1:])
+    info.splits["val"] = dataclasses.replace(val, shards=shards)
+    cfg = data_cfg(shards_copy, urls=f"pipe:cat {shards_copy}/wds/{{shard}}", num_workers=0)
+    loader = WebDatasetLoader(info, "val", cfg, 0, 1, False, 0)
+    keys = [k for batch in epoch_keys(loader, 0) for k in batch if k]
+    assert len(keys) == 359 and not marker.exists()
 
 
 def test_missing_shard_is_named(shards_copy: Path) -> None:

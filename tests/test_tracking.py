@@ -19,7 +19,8 @@ from helpers import local_command, run_local, worker_of_rank
 from PIL import Image
 
 from lsa_dist.config import RunConfig
-from lsa_dist.tracking import PENDING, REDACTED, Tracker, prepare, redact
+from lsa_dist.redact import REDACTED, redact_params, redact_text
+from lsa_dist.tracking import PENDING, Tracker, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,14 +169,101 @@ def test_a_server_down_at_launch_and_mid_run_loses_nothing(demo_shards: Path, tm
             server.wait()
 
 
-def test_secrets_are_redacted() -> None:
-    params = redact({"tracking.api_key": "abc", "data.token_url": "x", "db.password": "p", "optim.lr": 0.1})
-    assert params == {
+def test_secrets_are_redacted_from_text_and_params() -> None:
+    signed = "https://b.s3.amazonaws.com/wds/{shard}?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&X-Amz-Expires=60"
+    assert redact_text(signed) == (
+        "https://b.s3.amazonaws.com/wds/{shard}?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    )
+    assert redact_text("http://alice:pw@host:5000/x and https://ghp_tok@git.example/r") == (
+        "http://***@host:5000/x and https://***@git.example/r"
+    )
+    assert redact_text("https://acct.blob.core.windows.net/c/{shard}?sv=2021&sig=A%3D&se=2026") == (
+        "https://acct.blob.core.windows.net/c/{shard}?sv=2021&sig=***&se=2026"
+    )
+    assert redact_text("pipe:AWS_SECRET_ACCESS_KEY=xyz aws s3 cp s3://b/{shard} -") == (
+        "pipe:AWS_SECRET_ACCESS_KEY=*** aws s3 cp s3://b/{shard} -"
+    )
+    for harmless in ("pipe:aws s3 cp s3://bucket/imagenet/{shard} -", "sqlite:////tmp/mlflow.db", "/data/shards"):
+        assert redact_text(harmless) == harmless
+    params = {"tracking.api_key": "abc", "db.password": "p", "tracking.uri": "http://u:p@h", "optim.lr": 0.1}
+    assert redact_params(params) == {
         "tracking.api_key": REDACTED,
-        "data.token_url": REDACTED,
         "db.password": REDACTED,
+        "tracking.uri": "http://***@h",
         "optim.lr": "0.1",
     }
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_mlflow_the_logs_or_the_console(demo_shards: Path, tmp_path: Path) -> None:
+    """A run whose tracking URI carries a password and whose shards are read over HTTP with
+    signed-URL parameters, and a run that fails reading such a URL: the secrets are in no
+    MLflow param, tag, metric or artifact, no log and no console line; the run folder's
+    configs keep them (a resume needs them), readable by their owner only."""
+    secrets = ("S3CRETPASS", "S3CRETSIG", "S3CRETCRED")
+    port, files = free_port(), free_port()
+    server = start_mlflow_server(tmp_path, port)
+    shards = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(files),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(demo_shards / "wds"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        uri = f"http://alice:S3CRETPASS@127.0.0.1:{port}"
+        query = "?X-Amz-Credential=S3CRETCRED&X-Amz-Signature=S3CRETSIG"
+        wait_for(lambda: _answers(f"http://127.0.0.1:{files}/"), "the shard server")
+        good = train(
+            tmp_path,
+            "signed",
+            demo_shards,
+            uri,
+            f"data.urls=http://127.0.0.1:{files}/{{shard}}{query}",
+            "train.max_steps=3",
+            nproc=1,
+        )
+        assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-3000:]
+        bad = train(tmp_path, "broken", demo_shards, uri, f"data.urls=http://127.0.0.1:1/{{shard}}{query}", nproc=1)
+        assert bad.returncode != 0 and "cannot read shard http://127.0.0.1:1/" in bad.stdout + bad.stderr
+        (run,) = client(f"http://127.0.0.1:{port}").search_runs(
+            [client(f"http://127.0.0.1:{port}").get_experiment_by_name("lsa_demo").experiment_id],
+            filter_string="attributes.run_name = 'signed'",
+        )
+        assert (
+            run.data.params["data.urls"]
+            == f"http://127.0.0.1:{files}/{{shard}}?X-Amz-Credential=***&X-Amz-Signature=***"
+        )
+        assert run.data.params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        shards.kill()
+    real_configs = {
+        p for p in tmp_path.rglob("*.yaml") if "mlflow" not in p.parts and "server-artifacts" not in p.parts
+    }
+    assert real_configs and all(p.stat().st_mode & 0o777 == 0o600 for p in real_configs)
+    assert any("S3CRETSIG" in p.read_text() for p in real_configs)  # kept where a resume reads it
+    shown = [p for p in tmp_path.rglob("*") if p.is_file() and p not in real_configs]
+    assert any(p.name == "server.db" for p in shown) and any("server-artifacts" in p.parts for p in shown)
+    leaks = [str(p) for p in shown for secret in secrets if secret.encode() in p.read_bytes()]
+    for text in (good.stdout, good.stderr, bad.stdout, bad.stderr):
+        leaks += [secret for secret in secrets if secret in text]
+    assert not leaks, leaks
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
 
 
 def test_unreachable_backend_never_stops_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

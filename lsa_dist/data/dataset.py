@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from ..fs import sha256_file
 
 DATASET_FILE = "dataset.json"
 FORMAT_VERSION = 1
+# names dataset.json may give files: they go into paths and into data.urls (a `pipe:` template
+# is run by a shell), so letters, digits, dot, dash and underscore only, and no `..`
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class DatasetError(ValueError):
@@ -108,6 +112,18 @@ def _check_file(path: Path, size: int | None, sha256: str | None) -> None:
         raise DatasetError(f"{path} does not match its checksum in dataset.json: the file is corrupt")
 
 
+def check_name(path: Path, what: str, name: object, nested: bool = False) -> str:
+    """`name` if it is a safe file name (or, `nested`, a relative path of safe names);
+    DatasetError naming it otherwise."""
+    parts = str(name).split("/") if nested and isinstance(name, str) else [name]
+    if not all(isinstance(p, str) and SAFE_NAME.fullmatch(p) and ".." not in p for p in parts):
+        raise DatasetError(
+            f"{path}: {what} {name!r} is not a safe file name (letters, digits, '.', '-', '_'; no '..', no "
+            "absolute path); this dataset.json was not written by tools/convert_imagenet.py: re-convert"
+        )
+    return str(name)
+
+
 def dataset_identity(root: str | Path) -> str:
     """sha256 of ROOT/dataset.json: the dataset's identity for resume checks and tracking."""
     return sha256_file(Path(root) / DATASET_FILE)
@@ -129,10 +145,15 @@ def load_dataset_info(root: str | Path) -> DatasetInfo:
         splits = {}
         for name, entry in raw["splits"].items():
             shards = tuple(ShardInfo(**s) for s in entry["shards"])
+            for shard in shards:
+                check_name(path, "shard", shard.name)
             if sum(s.num_samples for s in shards) != entry["num_samples"]:
                 raise DatasetError(f"{path}: split {name!r} shard counts do not add up to num_samples")
             ffcv = entry.get("ffcv") or {}
-            splits[name] = SplitInfo(name, entry["num_samples"], shards, ffcv.get("name"), ffcv.get("bytes"))
+            beton = ffcv.get("name")
+            if beton is not None:
+                check_name(path, "FFCV file", beton, nested=True)
+            splits[name] = SplitInfo(name, entry["num_samples"], shards, beton, ffcv.get("bytes"))
         return DatasetInfo(
             root=root,
             classes=tuple(raw["classes"]),
@@ -140,7 +161,7 @@ def load_dataset_info(root: str | Path) -> DatasetInfo:
             mean=tuple(raw["mean"]),
             std=tuple(raw["std"]),
             splits=splits,
-            wds_dir=raw.get("wds_dir"),
+            wds_dir=None if raw.get("wds_dir") is None else check_name(path, "wds_dir", raw["wds_dir"], nested=True),
         )
     except (KeyError, TypeError) as err:
         raise DatasetError(f"{path} lacks or mangles field {err}; re-run the converter") from err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,12 +41,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def shard_urls(info: DatasetInfo, split: str, template: str) -> list[str]:
-    """Where to read each shard: local files, or `template` with {shard} replaced by the shard name."""
+    """Where to read each shard: local files, or `template` with {shard} replaced by the shard name
+    (quoted for the shell in a `pipe:` command, which webdataset runs with one)."""
     if not template:
         return [str(p) for p in info.shard_paths(split)]
     if "{shard}" not in template:
         raise DatasetError(f"data.urls must contain '{{shard}}' where the shard name goes, got {template!r}")
-    return [template.replace("{shard}", s.name) for s in info.split(split).shards]
+    quote = shlex.quote if template.startswith("pipe:") else str
+    return [template.replace("{shard}", quote(s.name)) for s in info.split(split).shards]
 
 
 class WebDatasetLoader:
