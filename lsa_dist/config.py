@@ -8,6 +8,7 @@ before a process starts and raises ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,81 @@ CHOICES = {
 }
 
 
+# the valid interval of every numeric key ("(" and ")": that end excluded); lists: each element
+RANGES = {
+    "data.image_size": "[1, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.eval_batch_size": "[0, inf)",
+    "data.num_workers": "[0, inf)",
+    "data.shuffle_buffer": "[0, inf)",
+    "data.augment.scale": "(0, 1]",
+    "data.augment.ratio": "(0, inf)",
+    "data.augment.hflip": "[0, 1]",
+    "data.augment.color_jitter": "[0, inf)",
+    "data.augment.reprob": "[0, 1]",
+    "data.augment.crop_pct": "(0, 1]",
+    "data.augment.cifar_padding": "[0, inf)",
+    "data.augment.mixup": "[0, inf)",
+    "data.augment.cutmix": "[0, inf)",
+    "data.augment.mixup_prob": "[0, 1]",
+    "data.augment.mixup_switch_prob": "[0, 1]",
+    "data.augment.label_smoothing": "[0, 1)",
+    "data.progressive.start": "[0, inf)",
+    "data.progressive.end": "[0, inf)",
+    "data.progressive.first_epoch": "[0, inf)",
+    "data.progressive.last_epoch": "[0, inf)",
+    "data.progressive.multiple": "[1, inf)",
+    "model.num_classes": "[0, inf)",
+    "model.drop_path_rate": "[0, 1)",
+    "optim.lr": "(0, inf)",
+    "optim.lr_batch": "[0, inf)",
+    "optim.min_lr": "[0, inf)",
+    "optim.warmup_lr": "[0, inf)",
+    "optim.warmup_epochs": "[0, inf)",
+    "optim.epochs": "[1, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.betas": "[0, 1)",
+    "optim.eps": "(0, inf)",
+    "optim.grad_clip": "[0, inf)",
+    "optim.grad_accum_steps": "[1, inf)",
+    "optim.ema_decay": "[0, 1)",
+    "engine.zero_stage": "[0, 3]",
+    "engine.checkpoint_every_k": "[1, inf)",
+    "engine.bucket_size": "[1, inf)",
+    "engine.peak_tflops": "[0, inf)",
+    "checkpoint.every_steps": "[0, inf)",
+    "checkpoint.keep_last": "[1, inf)",
+    "tracking.log_every": "[1, inf)",
+    "launch.nproc": "[1, inf)",
+    "launch.max_restarts": "[0, inf)",
+    "launch.nodes": "[1, inf)",
+    "launch.slurm.time_min": "[1, inf)",
+    "launch.slurm.gpus_per_node": "[0, inf)",
+    "launch.slurm.cpus_per_task": "[1, inf)",
+    "launch.slurm.mem_gb": "[0, inf)",
+    "train.seed": "[0, 9223372036854775807]",  # torch and NumPy take non-negative seeds
+    "train.eval_every": "[1, inf)",
+    "train.max_steps": "[0, inf)",
+    "train.log_every": "[1, inf)",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """ConfigError naming the first numeric key outside its interval (RANGES) or not finite."""
+    for key, interval in RANGES.items():
+        value = _get(cfg, key)
+        for item in value if isinstance(value, list) else [value]:
+            if not _in_range(float(item), interval):
+                raise ConfigError(f"{key}: must be a finite number in {interval}, got {value}")
+
+
 def _get(cfg: RunConfig, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
@@ -256,30 +332,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks; raises ConfigError naming the key."""
+    """Ranges and cross-field checks; raises ConfigError naming the key."""
     for key, options in CHOICES.items():
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {_get(cfg, key)!r}")
-    positive = ("data.batch_size", "data.image_size", "optim.grad_accum_steps", "optim.epochs", "launch.nproc")
-    for key in positive:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {_get(cfg, key)}")
-    for key in (
-        "data.num_workers",
-        "data.eval_batch_size",
-        "train.max_steps",
-        "checkpoint.every_steps",
-        "launch.max_restarts",
-    ):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    check_ranges(cfg)
+    aug = cfg.data.augment
+    for key in ("scale", "ratio"):
+        pair = getattr(aug, key)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"data.augment.{key}: must be [low, high] with low <= high, got {pair}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: must be two numbers, got {cfg.optim.betas}")
+    mixing = aug.recipe == "imagenet" and (aug.mixup > 0 or aug.cutmix > 0) and aug.mixup_prob > 0
+    if mixing and cfg.data.batch_size % 2:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is odd; mixup/cutmix pair each image with another of its "
+            "batch (timm's batch mode), so it must be even"
+        )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is not divisible by optim.grad_accum_steps="
             f"{cfg.optim.grad_accum_steps} (each rank splits its batch into that many micro-batches)"
         )
-    if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"engine.zero_stage: must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     if cfg.engine.backend == "fairscale":
         if cfg.engine.zero_stage not in (0, 1):
             raise ConfigError(
@@ -292,20 +367,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("engine.offload_optimizer: needs engine.backend=deepspeed")
     if cfg.engine.offload_optimizer and cfg.engine.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer: needs engine.zero_stage >= 1")
-    if cfg.engine.activation_checkpointing == "every_k" and cfg.engine.checkpoint_every_k < 1:
-        raise ConfigError("engine.checkpoint_every_k: must be at least 1")
-    if cfg.optim.ema_decay and not 0 < cfg.optim.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay: must be in (0, 1), got {cfg.optim.ema_decay}")
     if cfg.optim.ema_decay and cfg.engine.zero_stage == 3:
         raise ConfigError("optim.ema_decay: EMA needs whole parameters on every rank; use engine.zero_stage <= 2")
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither auto, never, nor a checkpoint folder")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last: must be at least 1")
     progressive = cfg.data.progressive
     if progressive.start:
-        if progressive.start < 1 or progressive.end < 0 or progressive.multiple < 1:
-            raise ConfigError("data.progressive: start, end and multiple must be positive sizes")
         if progressive.last_epoch < progressive.first_epoch:
             raise ConfigError(
                 f"data.progressive.last_epoch: {progressive.last_epoch} is before first_epoch {progressive.first_epoch}"

@@ -37,11 +37,11 @@ def test_overrides_are_typed_and_win_over_the_file() -> None:
         (["data.batch_size=many"], "data.batch_size: Value 'many' of type 'str' could not be converted to Integer"),
         (["optim.lr"], "override 'optim.lr' is not of the form key=value"),
         (["engine.precision=fp8"], "engine.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
-        (["engine.zero_stage=4"], "engine.zero_stage: must be 0, 1, 2 or 3, got 4"),
+        (["engine.zero_stage=4"], "engine.zero_stage: must be a finite number in [0, 3], got 4"),
         (["engine.backend=fairscale", "engine.zero_stage=3"], "engine.zero_stage: 3 needs engine.backend=deepspeed"),
         (["data.batch_size=10", "optim.grad_accum_steps=4"], "data.batch_size: 10 is not divisible by"),
-        (["launch.max_restarts=-1"], "launch.max_restarts: must be >= 0, got -1"),
-        (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be at least 1"),
+        (["launch.max_restarts=-1"], "launch.max_restarts: must be a finite number in [0, inf), got -1"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be a finite number in [1, inf), got 0"),
         (["optim.ema_decay=0.9", "engine.zero_stage=3"], "optim.ema_decay: EMA needs whole parameters"),
         (["train.resume=/nowhere/step-1"], "train.resume: '/nowhere/step-1' is neither auto, never"),
         (["model.options.heads=[3,3,3]"], "model.options.heads: stage 0: width 64 is not divisible by 3 heads"),
@@ -96,3 +96,70 @@ def test_progressive_resizing_follows_its_schedule() -> None:
     cfg.data.progressive.multiple = 8
     assert [cfg.data.train_size(epoch) for epoch in (2, 4, 6, 8, 10)] == [160, 168, 176, 184, 192]
     assert load_config(ROOT / "configs" / "lsa_tiny.yaml").data.train_size(3) == 224
+
+
+def numeric_keys(section: object = None, prefix: str = "") -> dict[str, type]:
+    """Every int, float and list-of-float key of the schema, found by walking its dataclasses."""
+    import dataclasses
+    import typing
+
+    from lsa_dist.config import RunConfig
+
+    section = section or RunConfig
+    hints, out = typing.get_type_hints(section), {}
+    for f in dataclasses.fields(section):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(numeric_keys(kind, f"{prefix}{f.name}."))
+        elif kind in (int, float) or kind == list[float]:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+def test_every_numeric_key_has_a_range_and_bad_values_exit_2_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """Out-of-range and non-finite values for every numeric key: exit 2 with one line naming the
+    key, never a traceback (through the training command's own front)."""
+    from lsa_dist.config import RANGES
+    from lsa_dist.train import command
+
+    keys = numeric_keys()
+    assert set(keys) == set(RANGES), set(keys) ^ set(RANGES)  # no numeric key without a range
+    tried = 0
+    for key, kind in keys.items():
+        interval = RANGES[key]
+        high = interval[1:-1].split(",")[1].strip()
+        bad = ["-1", "-0.5"]
+        if high != "inf":
+            bad.append(str(float(high) * 2 + 1))
+        if kind is not int:
+            bad += ["nan", "inf", "-inf"]
+        for value in bad:
+            text = f"[{value},{value}]" if kind == list[float] else value
+            code = command(["--config", str(ROOT / "configs" / "demo.yaml"), f"{key}={text}"])
+            err = capsys.readouterr().err
+            assert code == 2, (key, value, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {key}") and "Traceback" not in err, (
+                key,
+                value,
+                err,
+            )
+            tried += 1
+    assert tried > 150
+
+
+def test_values_that_crashed_late_are_refused_at_load() -> None:
+    cases = {
+        "train.eval_every=0": "train.eval_every: must be a finite number in [1, inf), got 0",
+        "tracking.log_every=0": "tracking.log_every: must be a finite number in [1, inf), got 0",
+        "train.seed=-3": "train.seed: must be a finite number in [0, 9223372036854775807], got -3",
+        "optim.lr=0": "optim.lr: must be a finite number in (0, inf), got 0.0",
+        "optim.lr=nan": "optim.lr: must be a finite number in (0, inf), got nan",
+        "data.augment.crop_pct=0": "data.augment.crop_pct: must be a finite number in (0, 1], got 0.0",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(ROOT / "configs" / "lsa_tiny.yaml", [override])
+        assert str(err.value) == message
+    with pytest.raises(ConfigError, match=r"^data.batch_size: 33 is odd; mixup/cutmix pair"):
+        load_config(ROOT / "configs" / "lsa_tiny.yaml", ["data.batch_size=33"])
