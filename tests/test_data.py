@@ -164,6 +164,71 @@ def test_awkward_files_are_fixed_or_reported(awkward_source: Path, tmp_path: Pat
     assert "5 of 8 images converted" in text and "3 skipped" in text and "truncated file" in text
 
 
+def test_hostile_folders_convert_with_every_odd_file_reported(awkward_source: Path, tmp_path: Path) -> None:
+    """Names real file systems hold and files that are not images: the run never aborts, what is
+    not a readable image of sane size is listed with its reason, keys stay unique and traceable."""
+    n01 = awkward_source / "train" / "n01"
+    photo = (n01 / "n01_3.JPEG").read_bytes()
+    (n01 / os.fsdecode(b"caf\xe9_\xff.JPEG")).write_bytes(photo)  # not UTF-8 (Latin-1, say)
+    (n01 / ("n01_" + "x" * 240 + ".JPEG")).write_bytes(photo)  # longer than a tar header's 100 bytes
+    (n01 / "a b.JPEG").write_bytes(photo)  # would collide with a_b once made safe
+    (n01 / "a_b.JPEG").write_bytes(photo)
+    (n01 / "folder.JPEG").mkdir()
+    (n01 / "inside.JPEG").symlink_to(n01 / "n01_3.JPEG")  # followed: inside the source folder
+    (tmp_path / "outside.JPEG").write_bytes(photo)
+    (n01 / "outside.JPEG").symlink_to(tmp_path / "outside.JPEG")
+    (n01 / "dangling.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    (n01 / "loop.JPEG").symlink_to(n01 / "loop.JPEG")
+    os.mkfifo(n01 / "fifo.JPEG")  # reading it would block for ever
+    (n01 / "big.JPEG").write_bytes(_jpeg(Image.new("RGB", (500, 500))))  # over --max-pixels 200000
+    options = ConvertOptions(max_side=128, min_side=0, max_pixels=200_000)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(awkward_source), "--out", str(out)]
+        + ["--format", "wds", "--splits", "train", "--max-side", "128", "--min-side", "0", "--max-pixels", "200000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((out / "dataset.json").read_text())["splits"]["train"]
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in entry["skipped"]}
+    assert reasons["folder.JPEG"] == "a folder named like an image"
+    assert reasons["outside.JPEG"].startswith("a link to outside the source folder")
+    assert reasons["dangling.JPEG"] == reasons["loop.JPEG"] == "a dangling or looping link"
+    assert reasons["fifo.JPEG"] == "not a regular file (device, pipe or socket)"
+    assert reasons["big.JPEG"] == "500x500 pixels, over --max-pixels 200000"
+    assert entry["num_samples"] == 5 + 5  # the awkward five, and five odd names (one through a link)
+    keys = [key for key, _ in read_labels([str(p) for p in sorted((out / "wds").glob("*.tar"))])]
+    assert len(keys) == len(set(keys)) == 10 and all(len(k) <= 80 and "." not in k for k in keys)
+    assert sorted(entry["renamed"].values()) == sorted(
+        ["a b.JPEG", "caf\\xe9_\\xff.JPEG", "n01_" + "x" * 240 + ".JPEG"]
+    )
+    assert set(entry["renamed"]) <= set(keys)
+    assert "10 of 19 images converted" in proc.stdout and "caf\\xe9_\\xff" not in proc.stderr
+    # a resume of an interrupted conversion with other options is refused, naming them
+    (out / "dataset.json").unlink()
+    with pytest.raises(ConversionError, match=r"converted with other options \(jpeg_quality 90 -> 80\)"):
+        convert(awkward_source, out, "wds", ("train",), dataclasses.replace(options, jpeg_quality=80))
+
+
+def test_a_worker_killed_mid_conversion_fails_the_run_instead_of_hanging(demo_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(demo_source), "--out", str(out)]
+    cmd += ["--format", "wds", "--splits", "train", "--samples-per-shard", "10", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    children: list[str] = []
+    while time.time() < deadline and not children:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.05)
+    assert children, "no worker started"
+    time.sleep(0.5)
+    os.kill(int(children[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "error: a conversion worker died" in err and "run the same command again" in err
+
+
 def test_interrupted_conversion_resumes_without_redoing_shards(demo_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(demo_source), "--out", str(out)]

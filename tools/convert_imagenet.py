@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no shorter side is brought below this, px (default 256: eval's 224/0.875 and full-scale crops)",
     )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=ConvertOptions.max_pixels,
+        help=f"skip larger images (decompression bombs; default {ConvertOptions.max_pixels}, Pillow's limit)",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default 1000)")
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)"
@@ -61,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = ConvertOptions(
-        args.max_side, args.jpeg_quality, args.samples_per_shard, args.limit_per_class, args.seed, args.min_side
+        args.max_side,
+        args.jpeg_quality,
+        args.samples_per_shard,
+        args.limit_per_class,
+        args.seed,
+        args.min_side,
+        args.max_pixels,
     )
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     start = time.perf_counter()

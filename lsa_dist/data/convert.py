@@ -3,11 +3,15 @@
 Every image is decoded, fixed where real ImageNet needs it (CMYK, grayscale, PNG bytes in a
 .JPEG file), resized so its longer side is at most `max_side` unless that would bring its shorter
 side below `min_side` (what evaluation, 224 / 0.875 = 256 px, and a full-scale 224 crop need), and
-re-encoded as baseline RGB JPEG. Unreadable files (empty, truncated, not an image) are skipped and reported.
+re-encoded as baseline RGB JPEG. What is not a readable image of sane size (empty, truncated,
+not an image, over --max-pixels, unreadable, or not an image file at all: see imagenet.py) is
+skipped and listed with its reason in dataset.json; the run never aborts on a file.
 
 Shards are the unit of work and of resumption: each is written under a temporary name and
-renamed, then its record (sample count, checksum, skipped files) is written beside it. A
-re-run finishes the shards that have no record and leaves finished ones alone.
+renamed, then its record (sample count, checksum, skipped files, the options it was made
+with) is written beside it. A re-run finishes the shards that have no record and leaves
+finished ones alone; one with other options is refused, naming them. A worker that dies (the
+out-of-memory killer) fails the run with a message instead of hanging it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import random
 import tarfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +37,7 @@ from tqdm import tqdm
 
 from ..fs import atomic_write_json, sha256_file
 from .dataset import DATASET_FILE, FORMAT_VERSION
-from .imagenet import Sample, scan_imagenet
+from .imagenet import Sample, scan_imagenet, shown
 
 FORMATS = ("wds", "ffcv", "both")
 RECORDS = ".records"
@@ -54,6 +59,7 @@ class ConvertOptions:
     limit_per_class: int | None = None
     seed: int = 0
     min_side: int = 256  # no shorter side is brought below this (smaller originals stay as they are)
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are skipped (decompression bombs)
 
     def validate(self) -> None:
         if self.max_side < 16:
@@ -66,6 +72,12 @@ class ConvertOptions:
             raise ConversionError(f"--samples-per-shard must be positive, got {self.samples_per_shard}")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             raise ConversionError(f"--limit-per-class must be positive, got {self.limit_per_class}")
+        if self.max_pixels < 1:
+            raise ConversionError(f"--max-pixels must be positive, got {self.max_pixels}")
+
+    def shard_options(self) -> dict[str, int]:
+        """What a shard's images depend on besides its samples: recorded with every shard."""
+        return {k: getattr(self, k) for k in ("max_side", "min_side", "jpeg_quality", "max_pixels")}
 
 
 @dataclass
@@ -88,13 +100,20 @@ def stored_size(width: int, height: int, max_side: int, min_side: int = 0) -> tu
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def process_image(data: bytes, max_side: int, quality: int, min_side: int = 0) -> Processed:
+def process_image(
+    data: bytes, max_side: int, quality: int, min_side: int = 0, max_pixels: int = 89_478_485
+) -> Processed:
     """Decode, fix, resize and re-encode one source image. Raises BadImageError with the reason."""
     if not data:
         raise BadImageError("empty file")
     fixes = []
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImageError(f"{width}x{height} pixels, over --max-pixels {max_pixels}")
         if image.format != "JPEG":
             fixes.append(f"{(image.format or 'unknown').lower()} bytes in a JPEG file")
         target = stored_size(*image.size, max_side, min_side)
@@ -103,6 +122,8 @@ def process_image(data: bytes, max_side: int, quality: int, min_side: int = 0) -
         image.load()
     except BadImageError:
         raise
+    except Image.DecompressionBombError as err:
+        raise BadImageError(f"over the pixel limit ({str(err).split('.')[0]})") from err
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad input
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         reason = "truncated file" if "truncated" in message.lower() else f"not a readable image ({message})"
@@ -142,6 +163,7 @@ class ShardRecord:
     bytes: int
     sha256: str
     keys_sha256: str  # of the planned source keys: a changed plan invalidates the shard
+    options: dict[str, int] = field(default_factory=dict)  # ConvertOptions.shard_options() it was made with
     skipped: list[dict[str, str]] = field(default_factory=list)
     fixed: dict[str, int] = field(default_factory=dict)
     pixel_sum: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -168,21 +190,24 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def write_shard(task: ShardTask) -> ShardRecord:
     """Convert the samples of one shard and write the tar atomically, then its record."""
     start = time.perf_counter()
+    Image.MAX_IMAGE_PIXELS = max(task.options.max_pixels, Image.MAX_IMAGE_PIXELS or 0)  # our limit decides
     final = task.folder / task.name
-    record = ShardRecord(task.name, 0, 0, "", _keys_digest(task.samples))
+    record = ShardRecord(task.name, 0, 0, "", _keys_digest(task.samples), task.options.shard_options())
     fixed: Counter[str] = Counter()
     sums, sq_sums = np.zeros(3), np.zeros(3)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in task.samples:
+                o = task.options
                 try:
                     data = sample.path.read_bytes()
-                    processed = process_image(
-                        data, task.options.max_side, task.options.jpeg_quality, task.options.min_side
-                    )
-                except (BadImageError, OSError) as err:
-                    record.skipped.append({"path": str(sample.path), "reason": str(err)})
+                    processed = process_image(data, o.max_side, o.jpeg_quality, o.min_side, o.max_pixels)
+                except BadImageError as err:
+                    record.skipped.append({"path": shown(sample.path), "reason": str(err)})
+                    continue
+                except OSError as err:
+                    record.skipped.append({"path": shown(sample.path), "reason": f"unreadable ({err.strerror or err})"})
                     continue
                 fixed.update(processed.fixes)
                 sums += processed.pixel_sum
@@ -222,6 +247,15 @@ def _finished(task: ShardTask) -> ShardRecord | None:
         return None
     if record.keys_sha256 != _keys_digest(task.samples) or record.bytes != shard.stat().st_size:
         return None
+    if not record.options:  # written before options were recorded: convert it again
+        return None
+    current = task.options.shard_options()
+    changed = [f"{k} {record.options.get(k)} -> {v}" for k, v in current.items() if record.options.get(k) != v]
+    if changed:
+        raise ConversionError(
+            f"{shard} was converted with other options ({', '.join(changed)}); finish the conversion with the "
+            "options it was started with, or convert into a new --out folder"
+        )
     return record
 
 
@@ -243,11 +277,19 @@ def _run_tasks(tasks: list[ShardTask], workers: int, desc: str) -> Iterator[Shar
                 bar.update(len(task.samples))
                 yield record
             return
-        ctx = mp.get_context("fork")
-        with ctx.Pool(workers) as pool:
-            for record, task in zip(pool.imap(write_shard, tasks), tasks):
-                bar.update(len(task.samples))
-                yield record
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            try:
+                for record, task in zip(pool.map(write_shard, tasks), tasks):
+                    bar.update(len(task.samples))
+                    yield record
+            except BrokenProcessPool as err:
+                raise ConversionError(
+                    "a conversion worker died (killed by the system: out of memory? lower --max-pixels or "
+                    "--workers); the finished shards are kept: run the same command again to resume"
+                ) from err
 
 
 def _options_dict(options: ConvertOptions, splits: Sequence[str]) -> dict[str, Any]:
@@ -295,7 +337,9 @@ def convert(
     }
     for split in splits:
         records = _convert_split(split, source.splits[split], shard_dir, options, workers)
-        manifest["splits"][split] = _split_entry(records, len(source.splits[split]))
+        rejected = source.rejected.get(split, [])
+        manifest["splits"][split] = _split_entry(records, len(source.splits[split]) + len(rejected), rejected)
+        manifest["splits"][split]["renamed"] = source.renamed.get(split, {})
         if split == "train":
             manifest.update(_pixel_statistics(records))
     if formats in ("wds", "both"):
@@ -343,8 +387,11 @@ def _convert_split(
     return [records[t.name] for t in tasks]
 
 
-def _split_entry(records: list[ShardRecord], num_source_files: int) -> dict[str, Any]:
-    """A split's entry in dataset.json."""
+def _split_entry(
+    records: list[ShardRecord], num_source_files: int, rejected: Sequence[dict[str, str]] = ()
+) -> dict[str, Any]:
+    """A split's entry in dataset.json: its shards, what was fixed, and every file skipped (not
+    an image file at all, or not a readable image of sane size) with the reason."""
     fixed: Counter[str] = Counter()
     for r in records:
         fixed.update(r.fixed)
@@ -355,7 +402,7 @@ def _split_entry(records: list[ShardRecord], num_source_files: int) -> dict[str,
             {"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256} for r in records
         ],
         "fixed": dict(sorted(fixed.items())),
-        "skipped": [s for r in records for s in r.skipped],
+        "skipped": [*rejected, *(s for r in records for s in r.skipped)],
     }
 
 

@@ -7,16 +7,25 @@ Layouts understood:
   DIR/LOC_synset_mapping.txt                   optional: "<wnid> <name, name, ...>" per line
 
 The class index is the position of the wnid in the sorted list of training class folders.
+
+Real folders hold more than images: names that are not UTF-8 or are too long for a tar
+header get a safe key (the original name is recorded), and what cannot be an image (a folder
+or a device named like one, a link that dangles, loops or leads out of the source folder) is
+listed with its reason in `ImageNetSource.rejected`, never read.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # WebDataset: no dots; tar: short ASCII names
 
 
 class SourceError(ValueError):
@@ -36,15 +45,57 @@ class ImageNetSource:
     classes: list[str]  # wnids, sorted
     names: list[str]  # human-readable class names (the wnid when no mapping file is present)
     splits: dict[str, list[Sample]] = field(default_factory=dict)
+    rejected: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split: path, reason
+    renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # per split: key -> original name
+
+
+def shown(path: Path | str) -> str:
+    """A path as text that can always be printed and stored in JSON: bytes that are not UTF-8
+    appear as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def sample_key(path: Path) -> str:
-    """A WebDataset-safe key for a source file: its name without extension, dots replaced."""
-    return path.name.rsplit(".", 1)[0].replace(".", "_")
+    """A WebDataset-safe key for a source file: its name without extension, dots replaced. A name
+    that is not plain ASCII letters, digits, '_' and '-' (or longer than 80) keeps its safe
+    characters and gets a digest of its bytes: unique, and traceable by `renamed`."""
+    stem = path.name.rsplit(".", 1)[0].replace(".", "_")
+    if SAFE_KEY.fullmatch(stem):
+        return stem
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60]
+    return f"{safe}-{digest}"
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _images_in(folder: Path, root: Path, rejected: list[dict[str, str]]) -> list[Path]:
+    """The image files of `folder`; what is named like an image but cannot be one goes to
+    `rejected` with the reason. Links are followed while they stay inside `root`."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        reason = _not_an_image_file(path, root)
+        if reason:
+            rejected.append({"path": shown(path), "reason": reason})
+        else:
+            images.append(path)
+    return images
+
+
+def _not_an_image_file(path: Path, root: Path) -> str:
+    """Why `path` cannot be read as an image file ('' if it can)."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return "a dangling or looping link"
+        if not target.is_relative_to(root.resolve()):
+            return f"a link to outside the source folder ({shown(target)})"
+    if path.is_dir():
+        return "a folder named like an image"
+    if not path.is_file():
+        return "not a regular file (device, pipe or socket)"
+    return ""
 
 
 def read_synset_mapping(path: Path) -> dict[str, str]:
@@ -77,18 +128,27 @@ def read_val_solution(path: Path) -> dict[str, str]:
     return labels
 
 
-def _class_folder_samples(class_dirs: list[Path], index: dict[str, int], limit: int | None) -> list[Sample]:
+def _class_folder_samples(
+    class_dirs: list[Path], index: dict[str, int], limit: int | None, root: Path, rejected: list[dict[str, str]]
+) -> list[Sample]:
     """<split>/<wnid>/*.JPEG"""
     samples: list[Sample] = []
     for class_dir in class_dirs:
         if class_dir.name not in index:
             raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the training classes")
-        files = _images_in(class_dir)[:limit]
+        files = _images_in(class_dir, root, rejected)[:limit]
         samples += [Sample(p, index[class_dir.name], sample_key(p)) for p in files]
     return samples
 
 
-def _flat_folder_samples(folder: Path, labels_path: Path, index: dict[str, int], limit: int | None) -> list[Sample]:
+def _flat_folder_samples(
+    folder: Path,
+    labels_path: Path,
+    index: dict[str, int],
+    limit: int | None,
+    root: Path,
+    rejected: list[dict[str, str]],
+) -> list[Sample]:
     """<split>/*.JPEG labelled by a LOC_val_solution.csv."""
     if not labels_path.is_file():
         raise SourceError(
@@ -98,7 +158,7 @@ def _flat_folder_samples(folder: Path, labels_path: Path, index: dict[str, int],
     labels = read_val_solution(labels_path)
     per_class: dict[int, int] = {}
     samples: list[Sample] = []
-    for path in _images_in(folder):
+    for path in _images_in(folder, root, rejected):
         image_id = path.name.rsplit(".", 1)[0]
         if image_id not in labels:
             raise SourceError(f"{path.name} has no row in {labels_path}")
@@ -138,16 +198,18 @@ def scan_imagenet(
         folder = root / split
         if not folder.is_dir():
             raise SourceError(f"{root} has no {split}/ folder")
-        class_dirs = [p for p in folder.iterdir() if p.is_dir()]
+        rejected = source.rejected.setdefault(split, [])
+        class_dirs = [p for p in folder.iterdir() if p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES]
         if class_dirs:
-            samples = _class_folder_samples(sorted(class_dirs), index, limit_per_class)
+            samples = _class_folder_samples(sorted(class_dirs), index, limit_per_class, root, rejected)
         else:
             labels_path = Path(val_labels) if val_labels else root / "LOC_val_solution.csv"
-            samples = _flat_folder_samples(folder, labels_path, index, limit_per_class)
+            samples = _flat_folder_samples(folder, labels_path, index, limit_per_class, root, rejected)
         if not samples:
             raise SourceError(f"{folder} contains no images")
         duplicates = [k for k, n in Counter(s.key for s in samples).items() if n > 1]
         if duplicates:
             raise SourceError(f"{split}: two source files share the key {duplicates[0]!r}; keys must be unique")
         source.splits[split] = samples
+        source.renamed[split] = {s.key: shown(s.path.name) for s in samples if not s.path.name.startswith(s.key)}
     return source
