@@ -124,6 +124,23 @@ def awkward_source(tmp_path: Path) -> Path:
     return src
 
 
+def test_the_demo_writer_replaces_only_its_own_folders(tmp_path: Path) -> None:
+    from make_demo_dataset import MARKER, NotOursError, make_demo_dataset
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("precious")
+    with pytest.raises(NotOursError, match="is not a demo dataset written by this tool .* nothing was deleted"):
+        make_demo_dataset(foreign)
+    assert (foreign / "chapter1.tex").read_text() == "precious" and len(list(foreign.iterdir())) == 1
+    demo = tmp_path / "demo"
+    make_demo_dataset(demo)
+    (demo / "stale").write_text("x")
+    assert make_demo_dataset(demo)["val"] == 359  # its own folder: replaced whole
+    assert (demo / MARKER).is_file() and not (demo / "stale").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"thesis", "demo"}  # no temporary folder left
+
+
 def test_stored_size_keeps_what_evaluation_and_full_scale_crops_need() -> None:
     from lsa_dist.data.convert import stored_size
 

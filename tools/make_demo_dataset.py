@@ -14,12 +14,27 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MARKER = ".lsa_demo_dataset"  # written into the folder: the only kind of folder --out may replace
+
+
+class NotOursError(RuntimeError):
+    """--out names a folder this tool did not write; nothing is deleted."""
+
+
+def written_by_us(folder: Path) -> bool:
+    """Whether `folder` is a demo dataset this tool wrote (its marker, or, from before the marker
+    existed, the demo's own class list)."""
+    if (folder / MARKER).is_file():
+        return True
+    mapping = folder / "LOC_synset_mapping.txt"
+    return mapping.is_file() and mapping.read_text().startswith(f"{wnid(0)} digit zero\n")
 
 
 def wnid(digit: int) -> str:
@@ -27,19 +42,38 @@ def wnid(digit: int) -> str:
 
 
 def make_demo_dataset(out: Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, int]:
-    """Write the folder; returns the number of images per split. Replaces an earlier demo folder."""
+    """Write the folder; returns the number of images per split. Replaces an earlier demo folder,
+    never anything else (NotOursError)."""
+    if out.exists() and not (out.is_dir() and (written_by_us(out) or not any(out.iterdir()))):
+        raise NotOursError(
+            f"{out} exists and is not a demo dataset written by this tool (no {MARKER}); nothing was deleted: "
+            "choose another --out or remove it yourself"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a new name: nothing else is touched
+    try:
+        tmp.chmod(0o755)
+        counts = _write(tmp, val_fraction, seed, size)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def _write(folder: Path, val_fraction: float, seed: int, size: int) -> dict[str, int]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images, labels = digits.images, digits.target
     rng = np.random.default_rng(seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "val").mkdir(parents=True)
+    (folder / MARKER).write_text("written by tools/make_demo_dataset.py; --out may replace this folder\n")
+    (folder / "val").mkdir(parents=True)
     val_rows = ["ImageId,PredictionString"]
     counts = {"train": 0, "val": 0}
     for digit in range(10):
-        (tmp / "train" / wnid(digit)).mkdir(parents=True)
+        (folder / "train" / wnid(digit)).mkdir(parents=True)
         members = np.flatnonzero(labels == digit)
         rng.shuffle(members)
         n_val = round(len(members) * val_fraction)
@@ -48,29 +82,36 @@ def make_demo_dataset(out: Path, val_fraction: float = 0.2, seed: int = 0, size:
             image = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
             if rank < n_val:
                 image_id = f"DEMO_val_{index:08d}"
-                image.save(tmp / "val" / f"{image_id}.JPEG", quality=95)
+                image.save(folder / "val" / f"{image_id}.JPEG", quality=95)
                 val_rows.append(f"{image_id},{wnid(digit)} 0 0 {size - 1} {size - 1}")
                 counts["val"] += 1
             else:
-                image.save(tmp / "train" / wnid(digit) / f"{wnid(digit)}_{index}.JPEG", quality=95)
+                image.save(folder / "train" / wnid(digit) / f"{wnid(digit)}_{index}.JPEG", quality=95)
                 counts["train"] += 1
-    (tmp / "LOC_val_solution.csv").write_text("\n".join(val_rows) + "\n")
-    (tmp / "LOC_synset_mapping.txt").write_text("".join(f"{wnid(d)} digit {NAMES[d]}\n" for d in range(10)))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    (folder / "LOC_val_solution.csv").write_text("\n".join(val_rows) + "\n")
+    (folder / "LOC_synset_mapping.txt").write_text("".join(f"{wnid(d)} digit {NAMES[d]}\n" for d in range(10)))
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/demo/imagenet"), help="folder to write (replaced)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/demo/imagenet"),
+        help="folder to write (an earlier demo folder is replaced)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
-    counts = make_demo_dataset(args.out, args.val_fraction, args.seed, args.size)
+    try:
+        counts = make_demo_dataset(args.out, args.val_fraction, args.seed, args.size)
+    except NotOursError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {counts['train']} training and {counts['val']} validation images to {args.out}")
     return 0
 

@@ -59,12 +59,31 @@ ensure_hosts() {
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# ours PIDFILE: the pid in it is alive and one of this cluster's daemons: its command line names
+# $DIR (munged, mariadbd) or it was started with this cluster's SLURM_CONF (slurm daemons). A
+# stale pid file whose number now belongs to another process is not ours: never signalled.
+ours() {
+  pid_alive "$1" || return 1
+  local pid; pid="$(cat "$1")"
+  grep -qaF -- "$DIR/" "/proc/$pid/cmdline" 2>/dev/null && return 0
+  # (grep reads all of it: an early exit could fail the pipe with SIGPIPE under pipefail)
+  tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -xF "SLURM_CONF=$DIR/etc/slurm.conf" >/dev/null
+}
+
+# the accounting database's password: generated once, kept owner-only beside the configs
+db_password() {
+  local file="$DIR/etc/db.password"
+  if [ ! -s "$file" ]; then
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' > "$file")
+  fi
+  cat "$file"
+}
+
 write_configs() {
   mkdir -p "$DIR"/{etc,run,log,state} "$DIR"/munge/{etc,run,lib,log} "$DIR"/mysql/{data,run}
   chmod 755 "$DIR/munge/run"  # munged's socket folder must be world-readable
-  if [ ! -s "$DIR/munge/etc/munge.key" ]; then
-    dd if=/dev/urandom of="$DIR/munge/etc/munge.key" bs=1024 count=1 status=none
-    chmod 400 "$DIR/munge/etc/munge.key"
+  if [ ! -s "$DIR/munge/etc/munge.key" ]; then  # created owner-read-only: never readable by others
+    (umask 277 && dd if=/dev/urandom of="$DIR/munge/etc/munge.key" bs=1024 count=1 status=none)
   fi
   local nodes_line="" i=1
   for n in $(node_names); do
@@ -113,7 +132,9 @@ $nodes_line
 PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
 PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
-  cat > "$DIR/etc/slurmdbd.conf" <<EOF
+  local password; password="$(db_password)"
+  rm -f "$DIR/etc/slurmdbd.conf"
+  (umask 077 && cat > "$DIR/etc/slurmdbd.conf") <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
@@ -125,10 +146,9 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort=$DB_PORT
 StorageUser=slurm
-StoragePass=lsa-slurm-db
+StoragePass=$password
 StorageLoc=slurm_acct_db
 EOF
-  chmod 600 "$DIR/etc/slurmdbd.conf"
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
@@ -141,44 +161,52 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 start_munge() {
-  pid_alive "$DIR/run/munged.pid" && return 0
+  ours "$DIR/run/munged.pid" && return 0
   munged --force --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/etc/munge.key" \
     --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/lib/munged.seed"
   wait_for 10 munged munge -n -S "$MUNGE_SOCKET"
 }
 
 start_mariadb() {
-  pid_alive "$DIR/run/mariadbd.pid" && return 0
+  ours "$DIR/run/mariadbd.pid" && return 0
   if [ ! -d "$DIR/mysql/data/mysql" ]; then
-    mariadb-install-db --user=root --datadir="$DIR/mysql/data" --auth-root-authentication-method=normal \
+    # root logs in through the unix socket as the system's root only: no password-less root on TCP
+    mariadb-install-db --user=root --datadir="$DIR/mysql/data" --auth-root-authentication-method=socket \
       >"$DIR/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed (see $DIR/log/mariadb-install.log)"
   fi
   mariadbd --user=root --datadir="$DIR/mysql/data" --socket="$DIR/mysql/run/mysqld.sock" --port=$DB_PORT \
     --bind-address=127.0.0.1 --pid-file="$DIR/run/mariadbd.pid" --log-error="$DIR/log/mariadb.log" \
     --skip-name-resolve --innodb-buffer-pool-size=64M >/dev/null 2>&1 &
   wait_for 30 MariaDB mariadb --socket="$DIR/mysql/run/mysqld.sock" -uroot -e "select 1"
+  local password; password="$(db_password)"
+  # (a data folder from before: its root is moved to socket-only login too)
   mariadb --socket="$DIR/mysql/run/mysqld.sock" -uroot <<EOF
+ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket;
+DROP USER IF EXISTS 'root'@'127.0.0.1', 'root'@'::1', 'root'@'$(hostname)', ''@'localhost', ''@'$(hostname)';
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'lsa-slurm-db';
-CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'lsa-slurm-db';
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$password';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$password';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$password';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$password';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
 EOF
 }
 
 start_slurm() {
   export SLURM_CONF="$DIR/etc/slurm.conf"
-  if ! pid_alive "$DIR/run/slurmdbd.pid"; then
+  if ! ours "$DIR/run/slurmdbd.pid"; then
     slurmdbd
     wait_for 30 slurmdbd sacctmgr -n list cluster
   fi
   sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null 2>&1 || true
-  if ! pid_alive "$DIR/run/slurmctld.pid"; then
+  if ! ours "$DIR/run/slurmctld.pid"; then
     slurmctld -c  # a cold start: job ids restart at 1 (give every submission its own folder)
     wait_for 30 slurmctld scontrol ping
   fi
   for n in $(node_names); do
-    pid_alive "$DIR/run/slurmd-$n.pid" || slurmd -N "$n"
+    ours "$DIR/run/slurmd-$n.pid" || slurmd -N "$n"
   done
   wait_for 60 "$NODES responding nodes" bash -c "[ \"\$(sinfo -h -p batch -t idle,alloc,mix,comp -o %D | awk '{s+=\$1} END {print s+0}')\" = \"$NODES\" ]"
 }
@@ -197,13 +225,13 @@ stop() {
   export SLURM_CONF="$DIR/etc/slurm.conf"
   local f
   # cancel this cluster's jobs first, so that their job steps end with them
-  if pid_alive "$DIR/run/slurmctld.pid"; then
+  if ours "$DIR/run/slurmctld.pid"; then
     squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
     for _ in $(seq 30); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
   fi
   for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" "$DIR/run/mariadbd.pid" "$DIR/run/munged.pid"; do
     [ -f "$f" ] || continue
-    if pid_alive "$f"; then
+    if ours "$f"; then
       local pid; pid="$(cat "$f")"
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
@@ -219,7 +247,7 @@ status() {
   for f in "$DIR"/run/*.pid; do
     [ -f "$f" ] || continue
     name="$(basename "$f" .pid)"
-    if pid_alive "$f"; then echo "$name running (pid $(cat "$f"))"; else echo "$name not running"; fi
+    if ours "$f"; then echo "$name running (pid $(cat "$f"))"; else echo "$name not running"; fi
   done
   SLURM_CONF="$DIR/etc/slurm.conf" sinfo 2>/dev/null || echo "slurmctld not reachable"
 }
