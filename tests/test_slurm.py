@@ -117,6 +117,31 @@ def test_bad_config_or_unknown_partition_submits_nothing(cluster: dict, demo_sha
     assert not (tmp_path / "bad" / "slurm").exists()
 
 
+def test_the_cluster_script_keeps_its_secrets_and_signals_only_its_own_processes(cluster: dict, tmp_path: Path) -> None:
+    """Owner-only secrets, MariaDB's root refused over TCP; and `stop` on a folder whose pid
+    file names a process that is not one of its daemons (a reused pid) leaves that process alone."""
+    slurm_dir = Path(cluster["SLURM_CONF"]).parents[1]
+    for secret in ("munge/etc/munge.key", "etc/slurmdbd.conf", "etc/db.password"):
+        assert (slurm_dir / secret).stat().st_mode & 0o077 == 0, secret
+    assert "lsa-slurm-db" not in (slurm_dir / "etc" / "slurmdbd.conf").read_text()
+    tcp_root = subprocess.run(
+        ["mariadb", "-h", "127.0.0.1", "-P", "13306", "-uroot", "-e", "select 1"], capture_output=True, text=True
+    )
+    assert tcp_root.returncode != 0 and "Access denied" in tcp_root.stderr
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        other = tmp_path / "other-cluster"
+        (other / "run").mkdir(parents=True)
+        (other / "run" / "slurmctld.pid").write_text(str(bystander.pid))
+        env = {**os.environ, "LSA_SLURM_DIR": str(other)}
+        proc = subprocess.run(
+            [str(ROOT / "tools" / "slurm_cluster.sh"), "stop"], env=env, capture_output=True, timeout=60
+        )
+        assert proc.returncode == 0 and bystander.poll() is None  # not ours: not signalled
+    finally:
+        bystander.kill()
+
+
 @pytest.mark.parametrize("nodes,tasks", [(4, 1), (2, 2)], ids=["4x1", "2x2"])
 def test_multi_node_job_matches_the_local_run(
     cluster: dict, demo_shards: Path, tmp_path: Path, nodes: int, tasks: int
