@@ -6,8 +6,12 @@ the export tool (one process, no process group) alike.
 
 from __future__ import annotations
 
+import math
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +19,50 @@ import torch.nn.functional as F
 from . import dist as D
 from .data import PAD_LABEL
 
-# Dense bf16/fp16 tensor-core peak per device, TFLOP/s (fp32 runs as TF32 at half of it)
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V100": 125}
-UNKNOWN_GPU_TFLOPS = 100
+
+@dataclass(frozen=True)
+class Peak:
+    """A GPU's dense (no sparsity) tensor peak, TFLOP/s: bf16/fp16, and TF32 for fp32 runs."""
+
+    pattern: str  # matched against torch.cuda.get_device_name()
+    bf16: float
+    tf32: float
+    source: str
+
+
+# first match wins: the more specific names first (H100 NVL and PCIe before H100 SXM, A100 before A10)
+PEAKS = (
+    Peak(
+        r"H100.*NVL", 835, 418, "NVIDIA H100 Tensor Core GPU datasheet, H100 NVL column (dense: half the sparse figure)"
+    ),
+    Peak(r"H100.*PCIe", 756, 378, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column (dense)"),
+    Peak(r"H100", 989, 495, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column (dense)"),
+    Peak(r"H200.*NVL", 835, 418, "NVIDIA H200 Tensor Core GPU datasheet, H200 NVL column (dense)"),
+    Peak(r"H200", 989, 495, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (dense)"),
+    Peak(r"B200", 2250, 1100, "NVIDIA HGX B200 datasheet, per GPU (dense: half the sparse figure)"),
+    Peak(r"A100", 312, 156, "NVIDIA A100 Tensor Core GPU datasheet (40 GB and 80 GB, SXM and PCIe alike; dense)"),
+    Peak(r"L40S", 362, 183, "NVIDIA L40S GPU datasheet (dense: half the sparse figure)"),
+    Peak(r"\bA10\b", 125, 62.5, "NVIDIA A10 Tensor Core GPU datasheet (dense: half the sparse figure)"),
+    Peak(r"V100.*PCIE", 112, 14, "NVIDIA V100 Tensor Core GPU datasheet, PCIe column (fp16 tensor; fp32: no TF32)"),
+    Peak(r"V100", 125, 15.7, "NVIDIA V100 Tensor Core GPU datasheet, SXM2 column (fp16 tensor; fp32: no TF32)"),
+)
+_warned: set[str] = set()
+
+
+def gpu_peak(name: str, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of the GPU called `name` in `dtype` (fp32 runs as TF32), from PEAKS; NaN (MFU
+    not reported) with one warning per name for a GPU the table does not know."""
+    peak = next((p for p in PEAKS if re.search(p.pattern, name, re.IGNORECASE)), None)
+    if peak is None:
+        if name not in _warned:
+            _warned.add(name)
+            print(
+                f"warning: no peak FLOP/s known for GPU {name!r}; MFU is not reported: set engine.peak_tflops to "
+                "its dense bf16 tensor TFLOP/s (datasheet)",
+                file=sys.stderr,
+            )
+        return math.nan
+    return (peak.tf32 if dtype == torch.float32 else peak.bf16) * 1e12
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float, float]:
@@ -58,9 +103,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     in the run's precision with this process's threads (on constant data: no random draw, so
     the run's random streams are the same whether or not this is measured)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        tflops = next((v for key, v in PEAK_TFLOPS.items() if key in name), UNKNOWN_GPU_TFLOPS)
-        return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0)
+        return gpu_peak(torch.cuda.get_device_name(device), dtype)
     a = torch.full((1024, 1024), 0.5, dtype=dtype)
     b = torch.full((1024, 1024), 0.25, dtype=dtype)
     a @ b

@@ -4,13 +4,14 @@ progress line, metrics.jsonl (seconds, in this process)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from lsa_dist.metrics import accuracy_counts, evaluate, mfu, peak_flops
+from lsa_dist.metrics import PEAKS, accuracy_counts, evaluate, gpu_peak, mfu, peak_flops
 from lsa_dist.sinks import Console, MetricsFile, Sinks, format_duration, interactive, metrics_line, progress_line
 from lsa_dist.tracking import Tracker
 
@@ -105,3 +106,29 @@ def test_one_log_call_feeds_the_file_and_the_console(tmp_path: Path, capsys, mon
     assert [r["step"] for r in rows] == [10, 11] and rows[1]["train/loss"] == 2.5 and rows[0]["progress/loss"] > 1
     assert re.match(r"step 10/50  epoch 2\.50  loss 1\.2346", capsys.readouterr().out)
     assert metrics_line({"val/top5": 99.5, "other": 1}) == "val/top5 99.50%"
+
+
+def test_gpu_peaks_come_from_datasheets_by_device_name(capsys: pytest.CaptureFixture) -> None:
+    """Names as torch reports them; the dense bf16 figure (fp32 runs as TF32); an unknown GPU
+    gets no MFU (NaN) and one warning asking for engine.peak_tflops."""
+    expected = {
+        "NVIDIA H100 80GB HBM3": (989, 495),
+        "NVIDIA H100 PCIe": (756, 378),
+        "NVIDIA H100 NVL": (835, 418),
+        "NVIDIA H200": (989, 495),
+        "NVIDIA B200": (2250, 1100),
+        "NVIDIA A100-SXM4-40GB": (312, 156),
+        "NVIDIA A100 80GB PCIe": (312, 156),
+        "NVIDIA L40S": (362, 183),
+        "NVIDIA A10": (125, 62.5),
+        "Tesla V100-SXM2-32GB": (125, 15.7),
+    }
+    for name, (bf16, tf32) in expected.items():
+        assert gpu_peak(name, torch.bfloat16) == bf16 * 1e12 and gpu_peak(name, torch.float32) == tf32 * 1e12, name
+    assert all(peak.source.startswith("NVIDIA ") and "datasheet" in peak.source for peak in PEAKS)
+    capsys.readouterr()
+    assert math.isnan(gpu_peak("NVIDIA GeForce RTX 9999", torch.bfloat16))
+    assert math.isnan(gpu_peak("NVIDIA GeForce RTX 9999", torch.float32))
+    err = capsys.readouterr().err
+    assert err.count("warning: no peak FLOP/s known for GPU 'NVIDIA GeForce RTX 9999'") == 1
+    assert "engine.peak_tflops" in err
