@@ -30,10 +30,15 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 @dataclass
 class StepInfo:
-    """What an optimizer step reports (at the end of a step, not after every micro-batch)."""
+    """What an optimizer step reports (at the end of a step, not after every micro-batch). The
+    gradient norm may be a tensor on the device: reading it (`norm()`) waits for the step, so
+    only logging steps do."""
 
     lr: float
-    grad_norm: float
+    grad_norm: Any
+
+    def norm(self) -> float:
+        return float(self.grad_norm) if self.grad_norm is not None else float("nan")
 
 
 @runtime_checkable
@@ -222,9 +227,7 @@ class DeepSpeedEngine(_EngineBase):
         self.engine.step()
         if not boundary:
             return None
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        return StepInfo(lr=self.lr(), grad_norm=norm)
+        return StepInfo(lr=self.lr(), grad_norm=self.engine.get_global_grad_norm())
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
@@ -399,7 +402,7 @@ class FairscaleEngine(_EngineBase):
         if self.micro % self.accum:
             return None
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = float(self.optimizer.clip_grad_norm(clip))
+        norm = self.optimizer.clip_grad_norm(clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dist as D
@@ -82,6 +83,35 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
+class StopVote:
+    """Whether any rank was asked to stop, agreed on without stalling the step loop: each poll
+    sends this rank's flag in a background all-reduce on a CPU (gloo) group and reads the one
+    sent at the previous poll, so every rank sees a stop at the same step, one step late, and no
+    poll waits for the device. `poll(..., at_once=True)` settles the vote before returning."""
+
+    def __init__(self) -> None:
+        alone = not (dist.is_initialized() and dist.get_world_size() > 1)
+        self.group = None if alone else dist.new_group(backend="gloo")
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, flag: bool, at_once: bool = False) -> bool:
+        if self.group is None:
+            return flag
+        seen = self._collect()
+        vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, vote)
+        return (self._collect() or seen) if at_once else seen
+
+    def _collect(self) -> bool:
+        if self.pending is None:
+            return False
+        work, vote = self.pending
+        self.pending = None
+        work.wait()
+        return bool(vote.numpy()[0])  # a CPU tensor: no device synchronisation
+
+
 @dataclass
 class StepOutput:
     """One optimizer step: its mean loss on this rank (a tensor on the device: reading it
@@ -129,6 +159,7 @@ class Trainer:
         self.fallback = ""  # why the resume used an older checkpoint than the latest, if it did
         self.stop = StopRequest()
         self.stop.install()
+        self.stop_vote = StopVote()
         rng.seed_all(cfg.train.seed)  # the initial weights: the same on every rank
         self.run_dir = cfg.run_dir
         self.config_yaml = to_yaml(cfg)
@@ -370,13 +401,15 @@ class Trainer:
                 self._end_epoch()
             elif self.state.step >= self.max_steps:
                 self.checkpoint("max_steps")
-            if self._stopping():
+            if self._stopping(at_once=True):
                 return self._stop()
         return self._end("finished")
 
-    def _stopping(self) -> bool:
-        """Whether any rank was asked to stop (a collective: every rank asks at the same points)."""
-        if D.any_rank(self.stop.requested, self.device):
+    def _stopping(self, at_once: bool = False) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank asks at the same points).
+        Between steps the vote runs in the background and is read a step later (`StopVote`);
+        `at_once` waits for it (epoch ends, evaluation)."""
+        if self.stop_vote.poll(self.stop.requested, at_once):
             self.stop.signal = self.stop.signal or "by another rank"
             return True
         return False
@@ -433,7 +466,7 @@ class Trainer:
         """The evaluation's batches until a stop is requested (on any rank): an ImageNet
         evaluation outlasts SLURM's warning, so a stop does not wait for it."""
         for batch in batches:
-            if self._stopping():
+            if self._stopping(at_once=True):
                 self.eval_cut = True
                 return
             yield batch
@@ -501,7 +534,7 @@ class Trainer:
         return {
             "train/loss": output.loss.item(),
             "train/lr": info.lr if info else self.engine.lr(),
-            "train/grad_norm": info.grad_norm if info else math.nan,
+            "train/grad_norm": info.norm() if info else math.nan,
             "train/images_per_s": images_per_s,
             "train/mfu": mfu(images_per_s, self.macs, self.peak_flops, self.env.world_size),
         }

@@ -18,7 +18,7 @@ import torch
 from helpers import PAPER_RECIPE, local_command, worker_of_rank
 
 from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file, save_model_file
-from lsa_dist.dist import cpu_has_fp16
+from lsa_dist.dist import cpu_has_fp16, free_port
 from lsa_dist.models import count_parameters, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +224,26 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
     resumed = weights(tmp_path / "interrupted")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_the_step_loop_reads_nothing_back_from_the_device_between_logging_steps(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """2 ranks, the paper's recipe with EMA on ZeRO-2 bf16, logging every 1000 steps: between
+    the first step and the last (which logs), lsa_dist's code calls no .item(), float(),
+    .tolist(), .cpu() (...) on a tensor: the loss is summed on the device, the gradient norm read
+    only when logged, normalisation constants stay on the device, and the stop vote goes through
+    a CPU group in the background (tests/sync_probe.py counts the calls per step)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command = [*launcher, str(ROOT / "tests" / "sync_probe.py"), str(demo_shards), str(tmp_path)]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sync_counts.json").read_text())
+    assert any(step == 8 for step, *_ in rows)  # the last step logs: the probe does see reads
+    between = [row for row in rows if 1 <= row[0] <= 6]
+    assert not between, between
 
 
 def test_a_run_continues_on_another_world_size_with_each_sample_once(demo_shards: Path, tmp_path: Path) -> None:

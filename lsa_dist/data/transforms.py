@@ -108,12 +108,16 @@ class ModelInput:
     def __init__(self, mean: Sequence[float], std: Sequence[float], aug: AugmentConfig, train: bool) -> None:
         self.mean = torch.tensor([255 * m for m in mean]).view(1, 3, 1, 1)
         self.inv_std = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies resident per device
         self.erase_prob = aug.reprob if train and aug.recipe == "imagenet" else 0.0
         self.erase_mode = aug.remode
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         device = images.device
-        out = images.float().sub_(self.mean.to(device)).mul_(self.inv_std.to(device))
+        if device not in self._on:  # once: not a copy from pageable memory every batch
+            self._on[device] = (self.mean.to(device), self.inv_std.to(device))
+        mean, inv_std = self._on[device]
+        out = images.float().sub_(mean).mul_(inv_std)
         if self.erase_prob > 0:
             out = RandomErasing(self.erase_prob, mode=self.erase_mode, device=device)(out)
         return out
