@@ -63,6 +63,7 @@ def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware
     number of ranks may continue it), and train.resume would not mix a new lineage into the run's
     checkpoints. Returns the MLflow run id to
     continue ('' for a new run)."""
+    dataset = dataset and not cfg.train.synthetic
     if dataset:
         load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world_size, cfg.data.batch_size)
     if hardware:

@@ -185,6 +185,9 @@ class TrainSection:
     max_steps: int = 0  # stop after this many optimizer steps (0 = the full schedule)
     eval_only: bool = False  # evaluate the resumed/initial weights and stop
     log_every: int = 10  # steps between progress lines on rank 0
+    # the real engine and loop on in-memory random data (no dataset read): to measure the system
+    # without the loader; an epoch is ImageNet-1k's size, model.num_classes (0: 1000) classes
+    synthetic: bool = False
 
 
 @dataclass

@@ -56,6 +56,8 @@ def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
     # (a failed send is spooled and sent later, so retrying it here only delays training)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends: the URI may hold a password
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -197,6 +197,16 @@ class Trainer:
 
     # -- building -----------------------------------------------------------------------------
     def _build_data(self) -> None:
+        cfg = self.cfg
+        if cfg.train.synthetic:
+            self._build_synthetic_data()
+        else:
+            self._build_dataset_loaders()
+        self.steps_per_epoch = len(self.train_loader)
+        total = cfg.optim.epochs * self.steps_per_epoch
+        self.max_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+    def _build_dataset_loaders(self) -> None:
         cfg, env = self.cfg, self.env
         info = load_dataset_info(cfg.data.root)
         self.train_samples = info.split(cfg.data.train_split).num_samples
@@ -212,9 +222,18 @@ class Trainer:
         self.val_loader = build_loader(
             cfg.data, cfg.data.val_split, env.rank, env.world_size, False, cfg.train.seed, info
         )
-        self.steps_per_epoch = len(self.train_loader)
-        total = cfg.optim.epochs * self.steps_per_epoch
-        self.max_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+    def _build_synthetic_data(self) -> None:
+        """train.synthetic: in-memory random batches (lsa_dist/data/synthetic.py), no dataset read."""
+        from .data.synthetic import IMAGENET_TRAIN, SyntheticLoader
+
+        cfg, env = self.cfg, self.env
+        self.num_classes = cfg.model.num_classes or 1000
+        self.train_samples, self.data_workers = IMAGENET_TRAIN, 1
+        self.train_loader, self.val_loader = (
+            SyntheticLoader(cfg.data, self.num_classes, env.rank, env.world_size, train, cfg.train.seed)
+            for train in (True, False)
+        )
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -243,7 +262,7 @@ class Trainer:
             self._start_lineage()
             restarted = None
         folder = restarted or checkpoint_to_resume(self.run_dir, self.cfg.train.resume)
-        dataset_sha = dataset_identity(self.cfg.data.root)
+        dataset_sha = "synthetic" if self.cfg.train.synthetic else dataset_identity(self.cfg.data.root)
         if folder is not None:
             accepted = check_compatible(folder, flatten(self.cfg), dataset_sha, self.cfg.train.accept_changes)
             configured_lrs = self.engine.base_lrs()

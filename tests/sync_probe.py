@@ -1,7 +1,8 @@
 """One rank of the host-synchronisation test (tests/test_train.py runs it under torch's elastic
-launcher): trains a few steps of the paper's recipe with every tensor read that waits for the
-device (`.item()`, `float()`, `.tolist()`, `.cpu()`, ...) counted when lsa_dist's own code makes
-it, per optimizer step, and writes the counts (rank 0) to OUT/sync_counts.json.
+launcher): trains a few steps of the paper's recipe on `train.synthetic` data (the real engine
+and loop, no dataset: DATA does not exist) with every tensor read that waits for the device
+(`.item()`, `float()`, `.tolist()`, `.cpu()`, ...) counted when lsa_dist's own code makes it, per
+optimizer step, and writes the counts and the run's result (rank 0) to OUT/sync_counts.json.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sync_probe.py DATA OUT
 """
@@ -45,16 +46,23 @@ def main() -> None:
     data, out = sys.argv[1], Path(sys.argv[2])
     overrides = [*TINY, *PAPER_RECIPE, f"data.root={data}", f"train.output_dir={out}", "train.name=sync"]
     overrides += ["tracking.enabled=false", "engine.zero_stage=2", "engine.precision=bf16", "optim.ema_decay=0.9"]
+    overrides += ["train.synthetic=true", "model.num_classes=10"]
     overrides += ["train.max_steps=8", "train.log_every=1000", "tracking.log_every=1000", "checkpoint.every_steps=0"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     for name in READS:
         setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     trainer = Trainer(cfg)
     watched["trainer"] = trainer
-    trainer.fit()
+    result = trainer.fit()
     if trainer.env.is_main:
         rows = [[step, name, where, n] for (step, name, where), n in sorted(counts.items())]
-        (out / "sync_counts.json").write_text(json.dumps(rows))
+        report = {
+            "reads": rows,
+            "status": result.status,
+            "step": result.step,
+            "steps_per_epoch": len(trainer.train_loader),
+        }
+        (out / "sync_counts.json").write_text(json.dumps(report))
     D.shutdown(0)
 
 

@@ -226,21 +226,23 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
-def test_the_step_loop_reads_nothing_back_from_the_device_between_logging_steps(
-    demo_shards: Path, tmp_path: Path
-) -> None:
-    """2 ranks, the paper's recipe with EMA on ZeRO-2 bf16, logging every 1000 steps: between
-    the first step and the last (which logs), lsa_dist's code calls no .item(), float(),
-    .tolist(), .cpu() (...) on a tensor: the loss is summed on the device, the gradient norm read
-    only when logged, normalisation constants stay on the device, and the stop vote goes through
-    a CPU group in the background (tests/sync_probe.py counts the calls per step)."""
+def test_the_step_loop_reads_nothing_back_from_the_device_between_logging_steps(tmp_path: Path) -> None:
+    """2 ranks, the paper's recipe with EMA on ZeRO-2 bf16 on train.synthetic data (in memory, no
+    dataset), logging every 1000 steps: between the first step and the last (which logs),
+    lsa_dist's code calls no .item(), float(), .tolist(), .cpu() (...) on a tensor: the loss is
+    summed on the device, the gradient norm read only when logged, normalisation constants stay
+    on the device, and the stop vote goes through a CPU group in the background
+    (tests/sync_probe.py counts the calls per step)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    command = [*launcher, str(ROOT / "tests" / "sync_probe.py"), str(demo_shards), str(tmp_path)]
+    command = [*launcher, str(ROOT / "tests" / "sync_probe.py"), str(tmp_path / "no-dataset"), str(tmp_path)]
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "sync_counts.json").read_text())
+    report = json.loads((tmp_path / "sync_counts.json").read_text())
+    assert report["status"] == "finished" and report["step"] == 8
+    assert report["steps_per_epoch"] == 1_281_167 // (2 * 16)  # synthetic: ImageNet-1k's epoch
+    rows = report["reads"]
     assert any(step == 8 for step, *_ in rows)  # the last step logs: the probe does see reads
     between = [row for row in rows if 1 <= row[0] <= 6]
     assert not between, between
