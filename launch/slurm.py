@@ -55,8 +55,12 @@ def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
         "gpus_per_node": s.gpus_per_node,
         "cpus_per_task": s.cpus_per_task,
         "mem_gb": s.mem_gb,
+        "mem_per_gpu_gb": s.mem_per_gpu_gb,
         "exclusive": s.exclusive,
         "job_name": s.job_name,
+        "additional": dict(s.additional),
+        "setup": list(s.setup),
+        "array_parallelism": s.array_parallelism,
     }
     for key in ("partition", "account", "qos", "constraint"):
         values[key] = os.environ.get(f"LSA_SLURM_{key.upper()}", values[key])
@@ -79,13 +83,18 @@ def executor_parameters(args: argparse.Namespace, cfg: RunConfig) -> dict[str, A
         "name": args.job_name or d["job_name"] or f"lsa-{cfg.train.name}",
         "slurm_signal_delay_s": args.signal_delay,
         "slurm_srun_args": ["--kill-on-bad-exit=1"],  # one failed task ends the job
-        "slurm_additional_parameters": {},
+        "slurm_additional_parameters": {k.replace("_", "-"): v for k, v in d["additional"].items()},
     }
+    if d["setup"]:
+        params["slurm_setup"] = d["setup"]
     if gpus:
         params["gpus_per_node"] = gpus
-    mem = pick(args.mem_gb, "mem_gb")
+    mem = pick(args.mem_gb, "mem_gb") or gpus * d["mem_per_gpu_gb"]  # without GPUs: SLURM's default
     if mem:
         params["mem_gb"] = mem
+    parallel = pick(args.array_parallelism, "array_parallelism")
+    if parallel:
+        params["slurm_array_parallelism"] = parallel
     for key, flag in (
         ("partition", args.partition),
         ("account", args.account),
@@ -152,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--signal-delay", type=int, default=90, help="seconds between the USR2 signal and the time limit"
     )
-    parser.add_argument("--sweep", action="append", default=[], help="key=v1,v2: one job per value (grids multiply)")
+    parser.add_argument(
+        "--sweep", action="append", default=[], help="key=v1,v2: one run per value (grids multiply), as one job array"
+    )
+    parser.add_argument("--array-parallelism", type=int, default=None, help="a sweep's runs at once (default: all)")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and sbatch script; submit nothing"
     )
@@ -171,10 +183,45 @@ def load_jobs(args: argparse.Namespace) -> list[RunConfig]:
     return jobs
 
 
-def dry_run(cfg: RunConfig, params: dict[str, Any], job_dir: Path | None) -> int:
-    """Print the resolved config and the sbatch script submitit would submit."""
+# distributed variables a shell may hold (an earlier torchrun, a login node's job): sbatch passes
+# the submitting environment to every task, where they would contradict SLURM's
+INHERITED = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def clear_inherited() -> list[str]:
+    """Remove INHERITED and TORCHELASTIC_* from this process's environment (what the job gets)."""
+    found = sorted(k for k in os.environ if k in INHERITED or k.startswith("TORCHELASTIC_"))
+    for key in found:
+        del os.environ[key]
+    return found
+
+
+def snapshot_code(output_dir: Path) -> Path:
+    """A copy of lsa_dist/ that the job imports (PYTHONPATH): edits to the checkout after the
+    submission, or between a job's requeues, do not change what a queued job runs."""
+    base = output_dir.resolve() / ".slurm_code" / time.strftime("%Y%m%d-%H%M%S")
+    target, n = base, 0
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}.{n}")
+    shutil.copytree(ROOT / "lsa_dist", target / "lsa_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+def dry_run(jobs: list[RunConfig], params: dict[str, Any], job_dir: Path | None) -> int:
+    """Print the resolved config and the sbatch script submitit would submit (a sweep: one array)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
+    cfg = jobs[0]
     print("# resolved config (secrets redacted)\n" + redacted_yaml(cfg))
     sbatch = {k[len("slurm_") :] if k.startswith("slurm_") else k: v for k, v in params.items()}
     sbatch["ntasks_per_node"] = sbatch.pop("tasks_per_node")
@@ -182,25 +229,50 @@ def dry_run(cfg: RunConfig, params: dict[str, Any], job_dir: Path | None) -> int
     sbatch["job_name"] = sbatch.pop("name")
     if "mem_gb" in sbatch:
         sbatch["mem"] = f"{sbatch.pop('mem_gb')}GB"
-    folder = job_dir or cfg.run_dir.resolve() / "slurm" / "%j"
+    folder = job_folder(jobs, job_dir)
+    if len(jobs) > 1:
+        sbatch["map_count"] = len(jobs)
     command = f"{sys.executable} -u -m submitit.core._submit {folder}"
     print("# sbatch script (submitit)\n" + _make_sbatch_string(command=command, folder=folder, **sbatch))
     world = params["nodes"] * params["tasks_per_node"]
-    print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; nothing submitted")
+    runs = f"{len(jobs)} runs as one job array ({', '.join(c.train.name for c in jobs)}); " if len(jobs) > 1 else ""
+    print(f"# {params['nodes']} nodes x {params['tasks_per_node']} tasks = {world} ranks; {runs}nothing submitted")
+    inherited = [k for k in os.environ if k in INHERITED or k.startswith("TORCHELASTIC_")]
+    if inherited:
+        print(f"# not passed to the job (left in this shell by another launcher): {', '.join(sorted(inherited))}")
+    print(f"# the job imports a copy of lsa_dist/ made at submission, in {Path(cfg.train.output_dir) / '.slurm_code'}/")
     return 0
 
 
-def submit(cfg: RunConfig, previous: str, params: dict[str, Any], job_dir: Path | None) -> tuple[Any, str]:
-    """Write the job's config, prepare its MLflow run, submit it and say where to look."""
-    config_path, run_id = cli.prepare_run(cfg, previous, "slurm_config.yaml")
-    executor = make_executor(job_dir or cfg.run_dir.resolve() / "slurm" / "%j", params)
-    job = executor.submit(TrainJob(str(config_path), run_id))
-    stdout = job.paths.stdout
-    print(f"submitted job {job.job_id}: {cfg.train.name}, {params['nodes']} nodes x {params['tasks_per_node']} tasks")
-    print(f"  logs:   {stdout} (rank 0), {job.paths.folder} (all tasks)")
-    print(f"  follow: tail -f {stdout}")
-    print(f"  MLflow run {run_id or 'off'}; run folder {cfg.run_dir.resolve()}")
-    return job, run_id
+def job_folder(jobs: list[RunConfig], job_dir: Path | None) -> Path:
+    """submitit's folder: RUN/slurm/<job id> for one run, OUTPUT/sweeps/<time>/<job>_<task> for an array."""
+    if job_dir:
+        return job_dir
+    if len(jobs) == 1:
+        return jobs[0].run_dir.resolve() / "slurm" / "%j"
+    return Path(jobs[0].train.output_dir).resolve() / "sweeps" / time.strftime("%Y%m%d-%H%M%S") / "%j"
+
+
+def submit(jobs: list[RunConfig], previous: list[str], params: dict[str, Any], job_dir: Path | None) -> list:
+    """Write each run's config, prepare its MLflow run, submit them (several: one job array) and
+    say where to look. Returns (config, job, MLflow run id) per run."""
+    prepared = [cli.prepare_run(cfg, prev, "slurm_config.yaml") for cfg, prev in zip(jobs, previous)]
+    executor = make_executor(job_folder(jobs, job_dir), params)
+    if len(jobs) == 1:
+        submitted = [executor.submit(TrainJob(str(prepared[0][0]), prepared[0][1]))]
+    else:
+        with executor.batch():
+            submitted = [executor.submit(TrainJob(str(path), run_id)) for path, run_id in prepared]
+    out = []
+    for cfg, job, (_, run_id) in zip(jobs, submitted, prepared):
+        stdout = job.paths.stdout
+        shape = f"{params['nodes']} nodes x {params['tasks_per_node']} tasks"
+        print(f"submitted job {job.job_id}: {cfg.train.name}, {shape}")
+        print(f"  logs:   {stdout} (rank 0), {job.paths.folder} (all tasks)")
+        print(f"  follow: tail -f {stdout}")
+        print(f"  MLflow run {run_id or 'off'}; run folder {cfg.run_dir.resolve()}")
+        out.append((cfg, job, run_id))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(err)
     params = executor_parameters(args, jobs[0])
     if args.dry_run:
-        return dry_run(jobs[0], params, args.job_dir)
+        return dry_run(jobs, params, args.job_dir)
     check_partition(params.get("slurm_partition", ""))
     world = params["nodes"] * params["tasks_per_node"]
     try:  # every job of a sweep is checked before any is submitted
@@ -223,14 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         locks = [lock.acquire() for lock in locks]
     except cli.USER_ERRORS as err:
         return cli.fail(err)
-    # jobs inherit this environment (sbatch --export=ALL): make the checkout importable there too
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    submitted = []
-    for cfg, run, lock in zip(jobs, previous, locks):
-        job, run_id = submit(cfg, run, params, args.job_dir)
+    # jobs inherit this environment (sbatch --export=ALL): a copy of the code, and no distributed
+    # variables of another launcher
+    cleared = clear_inherited()
+    if cleared:
+        print(f"not passing {', '.join(cleared)} (left in this shell) to the job")
+    code = snapshot_code(Path(jobs[0].train.output_dir))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH", "")]))
+    submitted = submit(jobs, previous, params, args.job_dir)
+    for (_, job, _), lock in zip(submitted, locks):
         lock.record({"slurm_job": str(job.job_id)})  # the job owns the run from now until it leaves the queue
         lock.release()
-        submitted.append((cfg, job, run_id))
     return wait(submitted) if args.wait else 0
 
 

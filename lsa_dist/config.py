@@ -160,9 +160,13 @@ class SlurmConfig:
     time_min: int = 60 * 24
     gpus_per_node: int = 0
     cpus_per_task: int = 8
-    mem_gb: int = 0
+    mem_gb: int = 0  # per node; 0: mem_per_gpu_gb x GPUs per node (SLURM's default without GPUs)
+    mem_per_gpu_gb: int = 64
     exclusive: bool = False
     job_name: str = ""
+    additional: dict[str, str] = field(default_factory=dict)  # more sbatch directives: {mail-type: END}
+    setup: list[str] = field(default_factory=list)  # shell lines before the job starts: module load ...
+    array_parallelism: int = 0  # a --sweep's jobs run as one array, at most this many at once; 0: all
 
 
 @dataclass
@@ -269,6 +273,8 @@ RANGES = {
     "launch.slurm.gpus_per_node": "[0, inf)",
     "launch.slurm.cpus_per_task": "[1, inf)",
     "launch.slurm.mem_gb": "[0, inf)",
+    "launch.slurm.mem_per_gpu_gb": "[1, inf)",
+    "launch.slurm.array_parallelism": "[0, inf)",
     "train.seed": "[0, 9223372036854775807]",  # torch and NumPy take non-negative seeds
     "train.eval_every": "[1, inf)",
     "train.max_steps": "[0, inf)",

@@ -114,6 +114,9 @@ def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # DeepSpeed sets its device from LOCAL_RANK: where each task sees only its own GPU (SLURM's
+        # per-task binding) that is not a device here; make it name the one chosen above
+        os.environ["LOCAL_RANK"] = str(device.index)
         # fp32 matmuls and convolutions on tensor cores (TF32: the peak MFU is measured against),
         # and cuDNN picks its fastest convolution for the run's fixed shapes
         torch.backends.cuda.matmul.allow_tf32 = True

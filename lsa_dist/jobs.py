@@ -28,6 +28,7 @@ class TrainJob:
         from .train import main
 
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        print(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", flush=True)  # the submission's copy
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ["OMP_NUM_THREADS"] = str(cpus)

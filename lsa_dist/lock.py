@@ -63,6 +63,13 @@ def read_holder(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def slurm_job_id() -> str:
+    """This process's SLURM job as squeue names it: <array job>_<task> for a task of a job
+    array (a sweep), the job id otherwise; '' outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID", ""), os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+
+
 def job_in_queue(job_id: str) -> bool:
     """Whether a SLURM job is still queued or running (False where squeue cannot tell)."""
     try:

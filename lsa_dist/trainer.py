@@ -42,7 +42,7 @@ from .data.plan import batches_per_rank
 from .data.transforms import build_mixup
 from .engine import PRECISIONS, StepInfo, build_engine, lr_lambda
 from .fs import OWNER_ONLY, atomic_write_text
-from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker
+from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker, slurm_job_id
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
 from .sinks import Console, MetricsFile, Sinks, metrics_line
@@ -332,7 +332,7 @@ class Trainer:
         if os.environ.get(OWNER_ENV):
             hold_as_worker(self.cfg.run_dir)
         elif self.env.is_main:
-            job = os.environ.get("SLURM_JOB_ID", "")
+            job = slurm_job_id()
             what = "a SLURM job's rank 0" if job else "python -m lsa_dist.train"
             try:
                 lock = RunLock(self.cfg.run_dir, what).acquire(own_job=job)

@@ -106,6 +106,36 @@ def test_dry_run_prints_the_sbatch_script_without_a_cluster(tmp_path: Path) -> N
     assert not (tmp_path / "lsa_large").exists()
 
 
+def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_array(tmp_path: Path) -> None:
+    """launch.slurm.additional and .setup, memory per GPU by default, a sweep as one array
+    throttled by --array-parallelism; distributed variables left in the shell are reported and
+    not passed on (they made submitit raise), and the code copy is announced."""
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env.update(RANK="3", MASTER_PORT="29400", TORCHELASTIC_RUN_ID="x")
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "lsa_large.yaml")]
+    cmd += ["--nodes", "4", "--gpus-per-node", "8", "--dry-run", "--sweep", "optim.lr=1e-3,5e-4,2e-4"]
+    cmd += ["--array-parallelism", "2", f"train.output_dir={tmp_path}", "launch.slurm.additional.mail_type=END"]
+    cmd += ["launch.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in (
+        "#SBATCH --array=0-2%2",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --mem=512GB",
+        "#SBATCH --gpus-per-node=8",
+    ):
+        assert line in out, line
+    setup = out.index("module load cuda/12.4")
+    assert setup < out.index("source /opt/venv/bin/activate") < out.index("srun ")
+    assert "3 runs as one job array (lsa_large-1e-3, lsa_large-5e-4, lsa_large-2e-4)" in out
+    assert (
+        "not passed to the job (left in this shell by another launcher): MASTER_PORT, RANK, TORCHELASTIC_RUN_ID" in out
+    )
+    assert "the job imports a copy of lsa_dist/ made at submission" in out
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_bad_config_or_unknown_partition_submits_nothing(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=cluster).stdout
     proc = slurm(cluster, tmp_path, "bad", demo_shards, "--nodes", "2", "optim.lrr=1")
@@ -171,6 +201,24 @@ def test_multi_node_job_matches_the_local_run(
 
         history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 21))
+
+
+def test_a_sweep_runs_as_one_throttled_array_on_a_copy_of_the_code(
+    cluster: dict, demo_shards: Path, tmp_path: Path
+) -> None:
+    """Two runs of a sweep as one job array, one at a time; each its own run folder and MLflow
+    run, and each imports the copy of lsa_dist/ made at submission, not the checkout."""
+    args = ("--nodes", "1", "--cpus-per-task", "1", "--time", "30", "--sweep=optim.lr=2e-3,1e-3")
+    proc = slurm(cluster, tmp_path, "sweep", demo_shards, *args, "--array-parallelism=1", "train.max_steps=4")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ids = re.findall(r"submitted job (\d+_\d+): sweep-", proc.stdout)
+    assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0], proc.stdout  # one array, two tasks
+    assert proc.stdout.count("finished: val top-1") == 2
+    for name in ("sweep-2e-3", "sweep-1e-3"):
+        (run,) = mlflow_runs(tmp_path, name)
+        assert run.info.status == "FINISHED"
+        logs = "".join(p.read_text() for p in (tmp_path / "sweeps").rglob("*_0_log.out"))
+        assert f"{tmp_path}/.slurm_code/" in logs and f"lsa_dist from {ROOT}" not in logs
 
 
 LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2
