@@ -366,3 +366,18 @@ def test_official_configs_describe_the_named_variants() -> None:
     for name, official in OFFICIAL_CONFIGS.items():
         ours = model_config(name)
         assert config_from_official(official) == ours, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: SDPA's fused kernels are CUDA kernels")
+@pytest.mark.parametrize("name", ["lsa_tiny", "lsa_cifar_tiny"])
+def test_bf16_attention_takes_a_fused_sdpa_kernel_on_a_gpu(name: str) -> None:
+    """Training's forward and backward in bf16 with SDPA restricted to the flash and memory-
+    efficient kernels: it raises if the global-attention layers would fall back to the math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = create_model(name).cuda().to(torch.bfloat16).train()
+    size = model.cfg.image_size
+    images = torch.randn(4, 3, size, size, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        model(images).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
