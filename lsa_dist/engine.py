@@ -330,6 +330,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
     }
+    if cfg.engine.zero_stage >= 2 and torch.cuda.is_available():
+        zero["overlap_comm"] = True  # gradient reduction overlapped with backward (on its own CUDA stream)
     if cfg.engine.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
     if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:

@@ -102,7 +102,7 @@ def test_dry_run_prints_the_sbatch_script_without_a_cluster(tmp_path: Path) -> N
     ):
         assert line in out, line
     assert "srun" in out and "--kill-on-bad-exit=1" in out and "submitit.core._submit" in out
-    assert "zero_stage: 3" in out and "4 nodes x 8 tasks = 32 ranks; nothing submitted" in out
+    assert "zero_stage: 2" in out and "4 nodes x 8 tasks = 32 ranks; nothing submitted" in out
     assert not (tmp_path / "lsa_large").exists()
 
 
