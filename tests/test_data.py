@@ -392,6 +392,19 @@ def test_an_epoch_resumed_on_other_world_sizes_reads_every_sample_once(demo_shar
     assert len(third[0]) == left // 48 and 1438 - len(read) == left % 48 < 3 * 16
 
 
+def test_webdataset_workers_live_across_epochs_and_restarts(demo_shards: Path) -> None:
+    """One DataLoader per loader with persistent workers: a later epoch, and an epoch restarted
+    mid-way, run on the same worker processes and still read exactly their samples."""
+    loader = build_loader(data_cfg(demo_shards, num_workers=2, shuffle_buffer=100), "train", 0, 1, True, seed=3)
+    first = epoch_keys(loader, 0)
+    workers = loader._dataloader._iterator._workers
+    pids = [w.pid for w in workers]
+    assert epoch_keys(loader, 0, 5) == first[5:]
+    second = epoch_keys(loader, 1)
+    assert second != first and len(second) == len(first)
+    assert [w.pid for w in loader._dataloader._iterator._workers] == pids and all(w.is_alive() for w in workers)
+
+
 def test_resumed_batches_have_the_same_pixels(demo_shards: Path) -> None:
     loader = build_loader(data_cfg(demo_shards), "train", 0, 1, train=True, seed=5)
     full = [x for x, _ in loader.epoch(1)]

@@ -69,6 +69,8 @@ class WebDatasetLoader:
         self.shuffle_buffer = cfg.shuffle_buffer
         self.cfg = cfg
         self._transforms: dict[int, Callable] = {}
+        self._stream: _EpochStream | None = None  # with its DataLoader: built once, workers kept
+        self._dataloader: DataLoader | None = None
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
 
@@ -85,17 +87,19 @@ class WebDatasetLoader:
         """
         if not 0 <= start_batch <= self.batches_left(epoch, layouts):
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_left(epoch, layouts)}")
-        sequence = self.sequence(epoch, layouts)
-        stream = _EpochStream(self, epoch, start_batch, return_keys, sequence, len(layouts))
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            worker_init_fn=_worker_init,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if self.num_workers else None,
-        )
-        yield from loader
+        if self._dataloader is None:
+            self._stream = _EpochStream(self)
+            self._dataloader = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                worker_init_fn=_worker_init,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=4 if self.num_workers else None,
+                persistent_workers=self.num_workers > 0,  # the workers live across epochs and evaluations
+            )
+        self._stream.plan.set(epoch, start_batch, return_keys, layouts)  # read by each worker as the epoch starts
+        yield from self._dataloader
 
     # -- the epoch's plan -------------------------------------------------------------------
     def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
@@ -198,22 +202,41 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+MAX_LAYOUTS = 32
+
+
+class _Plan:
+    """Which epoch the persistent workers read next, in shared memory: the main process sets it
+    before each epoch (or evaluation) starts, every worker reads it as its iteration begins."""
+
+    def __init__(self) -> None:
+        self.values = torch.zeros(4 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int, start_batch: int, return_keys: bool, layouts: Sequence[Layout]) -> None:
+        if len(layouts) > MAX_LAYOUTS:
+            raise ValueError(f"an epoch read under more than {MAX_LAYOUTS} layouts")
+        flat = [v for layout in layouts for v in (layout.world_size, layout.workers, layout.batches)]
+        self.values.zero_()
+        self.values[: 4 + len(flat)] = torch.tensor([epoch, start_batch, int(return_keys), len(layouts), *flat])
+
+    def get(self) -> tuple[int, int, bool, list[Layout]]:
+        v = self.values.tolist()
+        layouts = [Layout(*v[4 + 3 * i : 7 + 3 * i]) for i in range(v[3])]
+        return v[0], v[1], bool(v[2]), layouts
+
+
 class _EpochStream(IterableDataset):
-    def __init__(
-        self,
-        loader: WebDatasetLoader,
-        epoch: int,
-        start_batch: int,
-        return_keys: bool,
-        sequence: np.ndarray,
-        layout: int,
-    ) -> None:
+    """The rank's batches of the epoch the plan names, for the worker that iterates it."""
+
+    def __init__(self, loader: WebDatasetLoader) -> None:
         super().__init__()
-        self.loader, self.epoch, self.start_batch, self.return_keys = loader, epoch, start_batch, return_keys
-        self.sequence, self.layout = sequence, layout
+        self.loader, self.plan = loader, _Plan()
 
     def __iter__(self) -> Iterator[Batch]:
         ld = self.loader
+        epoch, start_batch, return_keys, layouts = self.plan.get()
+        self.epoch, self.start_batch, self.return_keys = epoch, start_batch, return_keys
+        self.sequence, self.layout = ld.sequence(epoch, layouts), len(layouts)
         info = get_worker_info()
         workers, index = (info.num_workers, info.id) if info else (1, 0)
         # DataLoader hands out batches round robin from worker 0; after a restart at batch k the
