@@ -108,6 +108,10 @@ class FfcvLoader:
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self._ffcv: dict[int, Any] = {}  # one compiled ffcv Loader per image size
+        # batches arrive on the training device (the trainer has chosen it before the loaders)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.rand_augment = None
         aug = cfg.augment
         if train and aug.recipe == "imagenet" and aug.rand_augment:
@@ -174,8 +178,14 @@ class FfcvLoader:
                 RandomResizedCropRGBImageDecoder((size, size), scale=tuple(aug.scale), ratio=tuple(aug.ratio)),
                 RandomHorizontalFlip(aug.hflip),
             ]
-        image += [ToTensor(), ToTorchImage()]  # uint8; to_model_input normalises per batch
-        return {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+        image += [ToTensor(), ToTorchImage()]  # uint8; to_model_input normalises per batch, on the device
+        label = [IntDecoder(), ToTensor(), Squeeze()]
+        if self.device.type == "cuda":  # FFCV copies its batches to the GPU itself, asynchronously
+            from ffcv.transforms import ToDevice
+
+            image.append(ToDevice(self.device, non_blocking=True))
+            label.append(ToDevice(self.device, non_blocking=True))
+        return {"image": image, "label": label}
 
     def _loader(self, indices: np.ndarray, size: int):  # noqa: ANN202 - ffcv.loader.Loader
         """One ffcv Loader per image size for the whole run (its pipeline is compiled once); the
@@ -223,8 +233,9 @@ class FfcvLoader:
                 yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
                 produced += 1
         while produced < num_batches:  # a rank with fewer evaluation samples
-            empty = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, dtype=torch.uint8)
-            batch = self._pad(empty, torch.zeros(0, dtype=torch.long))
+            size = self.cfg.image_size
+            empty = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=self.device)
+            batch = self._pad(empty, torch.zeros(0, dtype=torch.long, device=self.device))
             yield (*batch, [-1] * self.batch_size) if return_keys else batch
             produced += 1
 
@@ -232,8 +243,9 @@ class FfcvLoader:
         missing = self.batch_size - len(labels)
         if missing <= 0:
             return images.contiguous(), labels
-        pad = torch.zeros(missing, *images.shape[1:], dtype=images.dtype)
-        return torch.cat([images, pad]).contiguous(), torch.cat([labels, torch.full((missing,), PAD_LABEL)])
+        pad = torch.zeros(missing, *images.shape[1:], dtype=images.dtype, device=images.device)
+        fill = torch.full((missing,), PAD_LABEL, device=labels.device)
+        return torch.cat([images, pad]).contiguous(), torch.cat([labels, fill])
 
 
 class _GivenOrder:
