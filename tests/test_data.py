@@ -405,6 +405,18 @@ def test_webdataset_workers_live_across_epochs_and_restarts(demo_shards: Path) -
     assert [w.pid for w in loader._dataloader._iterator._workers] == pids and all(w.is_alive() for w in workers)
 
 
+def test_a_local_shard_is_entered_at_the_first_sample_wanted(demo_shards: Path) -> None:
+    """Mid-shard spans start reading at their first sample (tar headers skimmed, no data read
+    before it) and give the same samples as reading the shard from its start."""
+    from lsa_dist.data.wds import _from_sample
+
+    shard = str(next((demo_shards / "wds").glob("train-*.tar")))
+    everything = read_labels([shard])
+    for index in (1, 37, len(everything) - 1, len(everything)):
+        reached, samples = _from_sample(shard, index)
+        assert reached == index and [(s["__key__"], int(s["cls"])) for s in samples] == everything[index:]
+
+
 def test_resumed_batches_have_the_same_pixels(demo_shards: Path) -> None:
     loader = build_loader(data_cfg(demo_shards), "train", 0, 1, train=True, seed=5)
     full = [x for x, _ in loader.epoch(1)]

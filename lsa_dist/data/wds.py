@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import random
 import shlex
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -155,11 +157,14 @@ class WebDatasetLoader:
 
     def _read_shard(self, shard: int, wanted: np.ndarray) -> Iterator[dict[str, Any]]:
         """The shard's samples at the (ascending) indices `wanted`; the others are read past,
-        not decoded."""
+        not decoded. A local shard is entered at the first wanted sample (its tar headers are
+        skimmed for the offset), so a span starting mid-shard reads no data before it."""
         url, wanted_set, last = self.urls[shard], set(wanted.tolist()), int(wanted[-1])
-        seen = 0
+        seen, source = 0, None
         try:
-            for sample in webdataset.tariterators.tarfile_samples([{"url": url}]):
+            if int(wanted[0]) > 0 and os.path.isfile(url):
+                seen, source = _from_sample(url, int(wanted[0]))
+            for sample in source if source is not None else webdataset.tariterators.tarfile_samples([{"url": url}]):
                 if seen in wanted_set:
                     yield sample
                 seen += 1
@@ -196,6 +201,27 @@ class WebDatasetLoader:
             keys.append(sample["__key__"])
         batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
         return (*batch, keys) if return_keys else batch
+
+
+def _from_sample(path: str, index: int) -> tuple[int, Iterator[dict[str, Any]]]:
+    """(the index reached, the samples of a local tar from there): the headers up to sample
+    `index` are read (seeking over their data) to find where its first member starts."""
+    f = open(path, "rb")  # noqa: SIM115 - handed to the sample stream, which reads it to the end
+    keys, offset = 0, 0
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        previous = None
+        while (member := tar.next()) is not None:
+            key = member.name.split(".", 1)[0]
+            if key != previous:
+                if keys == index:
+                    offset = member.offset
+                    break
+                keys, previous = keys + 1, key
+        else:
+            offset = tar.offset
+    f.seek(offset)
+    stream = webdataset.tariterators.tar_file_expander([{"url": path, "stream": f}])
+    return keys, webdataset.tariterators.group_by_keys(stream)
 
 
 def _worker_init(_: int) -> None:
