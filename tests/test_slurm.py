@@ -84,14 +84,20 @@ def mlflow_runs(tmp: Path, name: str) -> list:
     return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
 
 
-def test_dry_run_prints_the_sbatch_script_without_a_cluster(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
+def dry_run(*args: str, **env: str) -> str:
+    """launch/slurm.py --dry-run of lsa_large.yaml on 4 nodes x 8 GPUs, with no SLURM at hand
+    (no SLURM_CONF, no sbatch on PATH) and `env` added; its output."""
+    environ = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    environ["PATH"] = os.pathsep.join(p for p in environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
     cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "lsa_large.yaml")]
-    cmd += ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", f"train.output_dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd += ["--nodes", "4", "--gpus-per-node", "8", "--dry-run", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**environ, **env})
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_dry_run_prints_the_sbatch_script_without_a_cluster(tmp_path: Path) -> None:
+    out = dry_run("--partition", "gpu", f"train.output_dir={tmp_path}")
     for line in (
         "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8",
@@ -110,15 +116,12 @@ def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_arr
     """launch.slurm.additional and .setup, memory per GPU by default, a sweep as one array
     throttled by --array-parallelism; distributed variables left in the shell are reported and
     not passed on (they made submitit raise), and the code copy is announced."""
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    env.update(RANK="3", MASTER_PORT="29400", TORCHELASTIC_RUN_ID="x")
-    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "lsa_large.yaml")]
-    cmd += ["--nodes", "4", "--gpus-per-node", "8", "--dry-run", "--sweep", "optim.lr=1e-3,5e-4,2e-4"]
-    cmd += ["--array-parallelism", "2", f"train.output_dir={tmp_path}", "launch.slurm.additional.mail_type=END"]
-    cmd += ["launch.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    args = ["--sweep", "optim.lr=1e-3,5e-4,2e-4", "--array-parallelism", "2", f"train.output_dir={tmp_path}"]
+    args += [
+        "launch.slurm.additional.mail_type=END",
+        "launch.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]",
+    ]
+    out = dry_run(*args, RANK="3", MASTER_PORT="29400", TORCHELASTIC_RUN_ID="x")
     for line in (
         "#SBATCH --array=0-2%2",
         "#SBATCH --mail-type=END",
