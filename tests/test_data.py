@@ -645,3 +645,31 @@ def test_imagenet_recipe_survives_the_strongest_randaugment() -> None:
     data = _jpeg(Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)))
     for _ in range(200):
         assert transform(data).shape == (3, 32, 32)
+
+
+def test_ffcv_randaugment_runs_beside_the_trainer_from_its_own_seeded_generator(demo_shards: Path) -> None:
+    """The imagenet recipe's RandAugment on FFCV batches runs in a background thread with its
+    choices drawn from a generator of (seed, epoch, rank, batch): the same seed gives the same
+    choices, torch's global random stream (the training step's) is not drawn from, and an
+    epoch abandoned half-way ends its thread."""
+    import threading
+
+    from lsa_dist.data.ffcv import SeededRandAugment
+
+    augment = SeededRandAugment(num_ops=2, magnitude=9)
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    same = [augment.augment(image, np.random.default_rng([7, 1])) for _ in range(2)]
+    other = augment.augment(image, np.random.default_rng([7, 2]))
+    assert torch.equal(same[0], same[1]) and not torch.equal(same[0], other)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator was not touched
+    cfg = data_cfg(demo_shards, "ffcv", augment=AugmentConfig(recipe="imagenet", rand_augment="rand-m9-mstd0.5-inc1"))
+    loader = build_loader(cfg, "train", 0, 1, True, seed=3)
+    batches = loader.epoch(0)
+    images, labels = next(batches)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (16,)
+    assert any(t.name == "ffcv-randaugment" for t in threading.enumerate())
+    batches.close()  # a stop request mid-epoch
+    assert not any(t.name == "ffcv-randaugment" for t in threading.enumerate())
+    assert sum(len(y) for _, y in loader.epoch(1)) == len(loader) * 16  # the next epoch reads whole

@@ -2,8 +2,9 @@
 
 Decoding with random-resized-crop (train) or center crop (eval) and flips run in FFCV's
 compiled pipeline. RandAugment of the imagenet recipe has no FFCV operation: it runs on the
-decoded uint8 batch (torchvision's tensor RandAugment, 2 ops at the recipe's magnitude), so
-FFCV's ImageNet recipe differs from timm's in RandAugment's details. Normalisation and random
+decoded uint8 batch (torchvision's tensor RandAugment, 2 ops at the recipe's magnitude) in a
+background thread two batches ahead of the trainer, its choices from its own seeded generator,
+so FFCV's ImageNet recipe differs from timm's in RandAugment's details. Normalisation and random
 erasing are applied per batch by `to_model_input`, as for WebDataset.
 
 Each epoch gets its own index list (permuted with (seed, epoch), cut per rank as in plan.py)
@@ -12,13 +13,16 @@ and FFCV reads it in that order; a restart at (epoch, batch) starts the list at 
 
 from __future__ import annotations
 
+import queue
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torchvision.transforms import v2
 
 from ..config import DataConfig
 from ..fs import sha256_file
@@ -115,11 +119,9 @@ class FfcvLoader:
         self.rand_augment = None
         aug = cfg.augment
         if train and aug.recipe == "imagenet" and aug.rand_augment:
-            from torchvision.transforms import v2
-
             spec = aug.rand_augment
             magnitude = int(spec.split("-m")[1].split("-")[0]) if "-m" in spec else 9
-            self.rand_augment = v2.RandAugment(num_ops=2, magnitude=magnitude)
+            self.rand_augment = SeededRandAugment(num_ops=2, magnitude=magnitude)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -223,10 +225,12 @@ class FfcvLoader:
         indices = self.indices(epoch, layouts)[start_batch * self.batch_size : num_batches * self.batch_size]
         produced = start_batch
         if len(indices):
-            for images, labels in self._loader(indices, self.image_size(epoch)):
-                images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
-                if self.rand_augment is not None:
-                    images = torch.stack([self.rand_augment(img) for img in images])
+            batches = self._loader(indices, self.image_size(epoch))
+            if self.rand_augment is not None:  # in a thread beside the training step
+                batches = _augmented(batches, self.rand_augment, (self.seed, epoch, self.rank, start_batch))
+            for images, labels in batches:
+                if self.rand_augment is None:
+                    images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
                 batch = self._pad(images, labels)
                 taken = (produced - start_batch) * self.batch_size
                 keys = indices[taken : taken + len(labels)].tolist()
@@ -246,6 +250,64 @@ class FfcvLoader:
         pad = torch.zeros(missing, *images.shape[1:], dtype=images.dtype, device=images.device)
         fill = torch.full((missing,), PAD_LABEL, device=labels.device)
         return torch.cat([images, pad]).contiguous(), torch.cat([labels, fill])
+
+
+class SeededRandAugment(v2.RandAugment):
+    """torchvision's RandAugment with its choices (operation, sign) drawn from a generator the
+    caller gives, not torch's global one: it can run in another thread without touching the
+    training step's random streams, and the same seed gives the same augmentation."""
+
+    def augment(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        space = list(self._AUGMENTATION_SPACE.items())
+        for _ in range(self.num_ops):
+            transform_id, (magnitudes_fn, signed) = space[int(rng.integers(len(space)))]
+            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
+            magnitude = 0.0 if magnitudes is None else float(magnitudes[self.magnitude])
+            if signed and rng.random() <= 0.5:
+                magnitude = -magnitude
+            image = self._apply_image_or_video_transform(
+                image, transform_id, magnitude, interpolation=self.interpolation, fill=self._fill
+            )
+        return image
+
+
+def _augmented(batches: Iterator[Batch], augment: SeededRandAugment, key: tuple[int, ...]) -> Iterator[Batch]:
+    """FFCV's batches copied out of its buffers and RandAugmented image by image in a background
+    thread, two batches ahead, while the trainer runs its step (torch's kernels release the GIL);
+    batch k's choices come from a generator seeded with (seed, epoch, rank, start batch, k)."""
+    out: queue.Queue = queue.Queue(maxsize=2)
+    done = threading.Event()
+
+    def produce() -> None:
+        try:
+            for k, (images, labels) in enumerate(batches):
+                rng = np.random.default_rng([*key, k])
+                images = torch.stack([augment.augment(img, rng) for img in images.clone()])
+                item: Any = (images, labels.clone().view(-1).long())
+                while not done.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            out.put(err)
+            return
+        out.put(None)
+
+    thread = threading.Thread(target=produce, name="ffcv-randaugment", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped early (a stop request, max_steps): end the thread first
+        done.set()
+        thread.join()
 
 
 class _GivenOrder:
