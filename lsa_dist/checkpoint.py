@@ -314,11 +314,13 @@ def vet(folder: Path) -> None:
         try:
             unsafe = set(get_unsafe_globals_in_checkpoint(str(path))) - TRUSTED_GLOBALS
         except Exception as err:  # noqa: BLE001 - not a torch file, truncated zip, ...
-            raise CheckpointError(f"{path} is not a readable checkpoint file ({_first_line(err)})") from err
+            raise CheckpointError(
+                f"cannot load checkpoint {folder}: {path.name} is truncated or not a torch file ({_first_line(err)})"
+            ) from err
         if unsafe:
             raise CheckpointError(
-                f"{path} names code that loading it would run ({', '.join(sorted(unsafe)[:3])}): not a checkpoint "
-                "this project wrote; refusing to load it"
+                f"cannot load checkpoint {folder}: {path.name} names code that loading it would run "
+                f"({', '.join(sorted(unsafe)[:3])}); not a checkpoint this project wrote: refused unread"
             )
 
 

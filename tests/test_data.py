@@ -234,14 +234,18 @@ def test_a_worker_killed_mid_conversion_fails_the_run_instead_of_hanging(demo_so
     cmd = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(demo_source), "--out", str(out)]
     cmd += ["--format", "wds", "--splits", "train", "--samples-per-shard", "10", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    children: list[str] = []
-    while time.time() < deadline and not children:
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        time.sleep(0.05)
-    assert children, "no worker started"
-    time.sleep(0.5)
-    os.kill(int(children[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    deadline, killed = time.time() + 120, False
+    while time.time() < deadline and not killed and proc.poll() is None:
+        time.sleep(0.2)
+        for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            try:
+                if b"convert_imagenet" in Path(f"/proc/{child}/cmdline").read_bytes():  # a forked worker
+                    os.kill(int(child), signal.SIGKILL)  # as the out-of-memory killer would
+                    killed = True
+                    break
+            except (OSError, ProcessLookupError):  # gone in between: try the next one
+                continue
+    assert killed, "no worker to kill"
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "error: a conversion worker died" in err and "run the same command again" in err
 
