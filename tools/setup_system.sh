@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# System libraries the Python environment needs: FFCV builds against libturbojpeg and OpenCV.
+# System libraries the Python environment needs: FFCV builds against libturbojpeg and OpenCV;
+# WebDataset reads http(s) shard URLs (data.urls) through curl.
 # Installs the missing Debian/Ubuntu packages when run as root; otherwise says what to run.
 set -euo pipefail
-packages=(pkg-config libturbojpeg0-dev libopencv-dev g++)
+packages=(pkg-config libturbojpeg0-dev libopencv-dev g++ curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
