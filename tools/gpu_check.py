@@ -175,9 +175,14 @@ def _with_mfu(result: dict[str, Any]) -> dict[str, Any]:
             "speedup_vs_reference": round(r["speedup"], 3),
             "memory_vs_reference": round(r["memory_ratio"], 3),
             "first_step_s": round(r["first_step_s"], 1),
-            "mfu": round(mfu(r["images_per_s"], result["macs_per_image"], peak, 1), 4),
+            "mfu": _finite(mfu(r["images_per_s"], result["macs_per_image"], peak, 1)),
         }
     return {"batch_size": result["batch_size"], "same_outputs": result["check"], "implementations": rows}
+
+
+def _finite(value: float) -> float | None:
+    """`value` rounded, or None where there is none (MFU without a datasheet peak: on CPU)."""
+    return round(value, 4) if value == value and abs(value) != float("inf") else None
 
 
 def deepspeed_step(quick: bool) -> dict[str, Any]:
