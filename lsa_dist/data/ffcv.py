@@ -112,6 +112,7 @@ class FfcvLoader:
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self._ffcv: dict[int, Any] = {}  # one compiled ffcv Loader per image size
+        self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
         # batches arrive on the training device (the trainer has chosen it before the loaders)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -135,8 +136,12 @@ class FfcvLoader:
         return order[sequence[start:end]]
 
     def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
-        """Positions of the epoch's sample order still to be read after `layouts`."""
-        return remaining_sequence(self.num_samples, layouts if self.train else (), self._consumed)
+        """Positions of the epoch's sample order still to be read after `layouts` (the last answer
+        is kept: the trainer asks for an epoch's length and its batches)."""
+        key = (epoch, tuple(layouts) if self.train else ())
+        if self._sequence is None or self._sequence[0] != key:
+            self._sequence = (key, remaining_sequence(self.num_samples, key[1], self._consumed))
+        return self._sequence[1]
 
     def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
         """The rank's batches of `epoch` under this layout, after `layouts`."""

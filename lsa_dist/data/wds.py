@@ -73,6 +73,7 @@ class WebDatasetLoader:
         self._transforms: dict[int, Callable] = {}
         self._stream: _EpochStream | None = None  # with its DataLoader: built once, workers kept
         self._dataloader: DataLoader | None = None
+        self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
         self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
 
@@ -105,9 +106,13 @@ class WebDatasetLoader:
 
     # -- the epoch's plan -------------------------------------------------------------------
     def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
-        """Positions of the epoch's sample sequence still to be read after `layouts`."""
-        consumed = functools.partial(self._consumed, epoch)
-        return remaining_sequence(self.split_info.num_samples, layouts if self.train else (), consumed)
+        """Positions of the epoch's sample sequence still to be read after `layouts` (the last
+        answer is kept: after a layout change it replays every worker's shuffle buffer)."""
+        key = (epoch, tuple(layouts) if self.train else ())
+        if self._sequence is None or self._sequence[0] != key:
+            consumed = functools.partial(self._consumed, epoch)
+            self._sequence = (key, remaining_sequence(self.split_info.num_samples, key[1], consumed))
+        return self._sequence[1]
 
     def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
         """The rank's batches of `epoch` under this layout, after `layouts`."""
