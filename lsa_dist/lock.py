@@ -5,7 +5,9 @@ for its whole life (its workers inherit the ownership, told through LSA_DIST_RUN
 rank-0 task of a SLURM job, or rank 0 of a run started another way (torchrun). The file also
 says who holds it (host, pid, SLURM job, since when), which is what a refused launch prints.
 A launcher's workers also share-lock `.owner.workers`, so that workers still checkpointing
-after their launcher died keep a new launch out until they have exited.
+after their launcher died keep a new launch out until they have exited. A flock belongs to the
+open file, which a forked child (a DataLoader worker) shares: the descriptors are closed in
+every forked child, so that only the owner's own life holds the run.
 
 A SLURM job owns its run from submission: the launcher records the job id in the same file,
 and until that job has left the queue, a new launch (local or SLURM) is refused, so that it
@@ -44,6 +46,21 @@ QUEUED_STATES = {
     "SIGNALING",
     "STAGE_OUT",
 }
+
+
+_HELD: set[int] = set()  # this process's lock descriptors: closed in forked children
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)  # the child's copy only: the parent's lock stays
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class RunInUseError(CheckpointError):
@@ -92,6 +109,7 @@ class RunLock:
         """Take the lock; `own_job` is the SLURM job this process belongs to (its own record is no conflict)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.fd = self._take(own_job)
+        _HELD.add(self.fd)
         self.record({"slurm_job": own_job} if own_job else {})
         return self
 
@@ -137,6 +155,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
 
@@ -165,6 +184,7 @@ def hold_as_worker(run_dir: Path, attempts: int = 100) -> None:
     for _ in range(attempts):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            _HELD.add(fd)
             return  # the descriptor stays open: released when the process ends
         except BlockingIOError:
             time.sleep(0.05)

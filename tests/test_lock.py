@@ -4,6 +4,7 @@ kernel when the holder is SIGKILLed, and the refusal message (seconds, real proc
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,3 +56,31 @@ def test_a_finished_slurm_job_on_record_does_not_hold_the_run(tmp_path: Path) ->
     start = time.time()
     RunLock(run, "launch/local.py").acquire().release()
     assert time.time() - start < 30
+
+
+OWN_AND_FORK = """
+import multiprocessing, os, sys, time
+from lsa_dist.lock import RunLock, hold_as_worker
+RunLock(sys.argv[1], "python -m lsa_dist.train").acquire()
+hold_as_worker(sys.argv[1])
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=False)
+child.start()  # as a DataLoader worker is: forked, alive for a while after its parent exits
+print(child.pid, flush=True)
+os._exit(0)  # as a worker ends (lsa_dist.dist.shutdown): no teardown of its children
+"""
+
+
+def test_a_forked_child_outliving_the_owner_does_not_hold_the_run(tmp_path: Path) -> None:
+    """flock belongs to the open file, shared with forked children: they must not keep the run."""
+    run = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", OWN_AND_FORK, str(run)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    child = int(owner.stdout.readline())  # the child keeps the pipe open: read the line, not to the end
+    assert owner.wait(timeout=60) == 0
+    try:
+        os.kill(child, 0)  # still alive: the case under test
+        lock = RunLock(run, "launch/local.py").acquire()  # neither the owner's lock nor the workers' is held
+        assert read_holder(run)["what"] == "launch/local.py"
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
