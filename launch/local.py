@@ -28,7 +28,7 @@ from lsa_dist import dist as D  # noqa: E402
 from lsa_dist.config import RunConfig  # noqa: E402
 from lsa_dist.elastic import Echo, Outcome, SurvivingStdout, WorkerExit, run_workers, tail  # noqa: E402
 from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
-from lsa_dist.redact import redact_text  # noqa: E402
+from lsa_dist.redact import redact_output, redact_text  # noqa: E402
 from lsa_dist.tracking import PENDING, RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
 
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-timeout", type=int, default=300, help="seconds the workers get to checkpoint after Ctrl-C (300)"
     )
     args = parser.parse_args(argv)
+    redact_output()
     sys.stdout = SurvivingStdout(sys.stdout)  # a closed pipe (| head) must not end the run
     flags = {"launch.nproc": args.nproc, "launch.max_restarts": args.max_restarts}
     try:

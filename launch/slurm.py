@@ -40,6 +40,7 @@ from lsa_dist import cli  # noqa: E402
 from lsa_dist.config import RunConfig, redacted_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
 from lsa_dist.lock import RunLock  # noqa: E402
+from lsa_dist.redact import redact_output  # noqa: E402
 
 
 def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
@@ -276,6 +277,7 @@ def submit(jobs: list[RunConfig], previous: list[str], params: dict[str, Any], j
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact_output()
     args = build_parser().parse_args(argv)
     try:
         jobs = load_jobs(args)

@@ -25,6 +25,7 @@ import torch
 from . import dist as D
 from . import rng
 from .fs import OWNER_ONLY, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
+from .redact import first_line
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -130,7 +131,7 @@ class CheckpointManager:
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many types for bad files
-            first = _first_line(err)
+            first = first_line(err)
             raise CheckpointError(f"cannot load checkpoint {folder}: {first}") from err
         rng_path = folder / "rng" / f"rank{self.rank}.pt"
         if rng_path.is_file():
@@ -315,18 +316,13 @@ def vet(folder: Path) -> None:
             unsafe = set(get_unsafe_globals_in_checkpoint(str(path))) - TRUSTED_GLOBALS
         except Exception as err:  # noqa: BLE001 - not a torch file, truncated zip, ...
             raise CheckpointError(
-                f"cannot load checkpoint {folder}: {path.name} is truncated or not a torch file ({_first_line(err)})"
+                f"cannot load checkpoint {folder}: {path.name} is truncated or not a torch file ({first_line(err)})"
             ) from err
         if unsafe:
             raise CheckpointError(
                 f"cannot load checkpoint {folder}: {path.name} names code that loading it would run "
                 f"({', '.join(sorted(unsafe)[:3])}); not a checkpoint this project wrote: refused unread"
             )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -405,7 +401,7 @@ def load_model_file(path: str | Path) -> torch.nn.Module:
         model = LSA(LSAConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as err:  # noqa: BLE001 - corrupt or foreign files
-        first = _first_line(err)
+        first = first_line(err)
         raise CheckpointError(f"cannot load model file {path}: {first}") from err
     return model
 
@@ -433,7 +429,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign files
-        first = _first_line(err)
+        first = first_line(err)
         raise CheckpointError(f"model.init_from: cannot read {path}: {first}") from err
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

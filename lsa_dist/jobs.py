@@ -24,9 +24,11 @@ class TrainJob:
 
         from . import dist as D
         from .cli import EXIT_STOPPED
+        from .redact import redact_output
         from .tracking import RUN_ID_ENV
         from .train import main
 
+        redact_output()  # submitit's log and what libraries print lose their credentials
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         print(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", flush=True)  # the submission's copy
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -5,13 +5,16 @@ Redacted (replaced by ***): the user-info part of URLs (`https://user:password@h
 `https://token@host`), query parameters and `NAME=value` assignments whose names look secret
 (signed URLs' `X-Amz-Signature`, `X-Amz-Credential`, `X-Amz-Security-Token`, `sig`, `token`,
 `key`, ...), and the whole value of config keys whose names look secret. The run folder keeps
-the real config, readable by its owner only: a resume needs it.
+the real config, readable by its owner only: a resume needs it. `redact_output` passes what a
+process's libraries print (warnings, log records, tracebacks) through the same filter.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 REDACTED = "***"
 # config keys (and environment-style names) whose values are secrets
@@ -34,6 +37,13 @@ def redact_text(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
     text = _QUERY.sub(lambda m: f"{m['name']}{REDACTED}", text)
     return _ASSIGN.sub(lambda m: f"{m['name']}{REDACTED}", text)
+
+
+def first_line(err: BaseException) -> str:
+    """The error's first line (at most 300 characters), secrets redacted: what a one-line
+    message quotes of a library's error (a connection error names the URL it tried)."""
+    text = str(err).strip()
+    return redact_text(text.splitlines()[0][:300] if text else type(err).__name__)
 
 
 def redact_value(key: str, value: Any) -> Any:
@@ -61,3 +71,35 @@ def redact_tree(tree: Any, prefix: str = "") -> Any:
 def redact_params(params: dict[str, Any]) -> dict[str, str]:
     """Flat params as MLflow takes them: redacted, stringified, within its 6000-character limit."""
     return {key: str(redact_value(key, value))[:6000] for key, value in params.items()}
+
+
+class RedactingStream:
+    """A text stream whose writes are redacted before they reach `stream`. Each write is
+    redacted whole: warnings, log records and traceback lines are written in one piece."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def redact_output() -> None:
+    """Route this process's Python output through `redact_text`: sys.stdout, sys.stderr and
+    the logging handlers that already hold them (libraries configure theirs at import).
+    Output that other programs or C code write to the file descriptors is not covered."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values())]
+    handlers = [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, RedactingStream):
+            continue
+        wrapped = RedactingStream(stream)
+        setattr(sys, name, wrapped)
+        for handler in handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+                handler.setStream(wrapped)

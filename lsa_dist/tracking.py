@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, flatten
-from .redact import redact_params, redact_text
+from .redact import first_line, redact_params, redact_text
 
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
 PENDING = "pending"  # the run is created by rank 0 once the server answers
@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
         return _open_run(cfg, uri, run_id)
     except Exception as err:  # noqa: BLE001
         print(
-            f"warning: MLflow at {redact_text(uri)} is unreachable ({_first_line(err)}); training starts now and "
+            f"warning: MLflow at {redact_text(uri)} is unreachable ({first_line(err)}); training starts now and "
             f"the run is created when the server answers (metrics wait in {cfg.run_dir / SPOOL_NAME})",
             file=sys.stderr,
         )
@@ -126,16 +126,6 @@ def run_id_for(cfg: RunConfig, previous: str) -> str:
     """The MLflow run a worker logs to: the one its launcher prepared ($LSA_MLFLOW_RUN_ID; PENDING
     if the server was down), else one prepared here (one process, or rank 0 under torchrun)."""
     return os.environ.get(RUN_ID_ENV) or prepare(cfg, previous)
-
-
-def _first_line(err: BaseException) -> str:
-    """The error's first line, secrets redacted (a connection error names the URL it tried)."""
-    return redact_text(_plain_first_line(err))
-
-
-def _plain_first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def git_commit() -> str:
@@ -253,7 +243,7 @@ class Tracker:
                         model, name=name, registered_model_name=register_as or None, serialization_format="pickle"
                     )
             except Exception as err:  # noqa: BLE001 - the weights are in model.pt either way
-                print(f"warning: the model was not logged to MLflow ({_first_line(err)})", file=sys.stderr)
+                print(f"warning: the model was not logged to MLflow ({first_line(err)})", file=sys.stderr)
 
         self._call(log)
 
@@ -293,7 +283,7 @@ class Tracker:
         if not self.warned:
             self.warned = True
             print(
-                f"warning: MLflow at {self.shown_uri} is unreachable ({_first_line(err)}); metrics are kept in "
+                f"warning: MLflow at {self.shown_uri} is unreachable ({first_line(err)}); metrics are kept in "
                 f"{self.spool} and sent when it is back. Training continues.",
                 file=sys.stderr,
             )

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import cli
 from . import dist as D
 from .config import RunConfig
-from .redact import redact_text
+from .redact import redact_output, redact_text
 from .trainer import Result, Trainer
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -85,6 +85,7 @@ def command(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log_dir is not None:
         append_output_to(args.log_dir)
+    redact_output()  # what libraries print (a connection error's URL) loses its credentials
     try:
         cfg = cli.load(args)
     except cli.USER_ERRORS as err:

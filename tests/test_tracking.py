@@ -194,6 +194,35 @@ def test_secrets_are_redacted_from_text_and_params() -> None:
     }
 
 
+LIBRARY_OUTPUT = """
+import logging, sys, traceback, warnings
+library = logging.getLogger("some.library")
+library.addHandler(logging.StreamHandler())  # configured at import, holding the raw sys.stderr
+from lsa_dist.redact import redact_output
+redact_output()
+URL = "https://alice:PASSWORD@store.example/wds/a.tar?X-Amz-Signature=SIGNATURE"
+library.warning("retrying %s", URL)
+warnings.warn(f"slow read from {URL}")
+print(f"opening {URL}")
+try:
+    raise ConnectionError(f"cannot reach {URL}")
+except ConnectionError:
+    traceback.print_exc()
+raise OSError(f"gave up on {URL}")
+"""
+
+
+def test_what_libraries_print_loses_its_secrets() -> None:
+    """Log records through handlers made before the filter, warnings, prints, tracebacks and
+    the uncaught exception of a process that called redact_output."""
+    out = subprocess.run([sys.executable, "-c", LIBRARY_OUTPUT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    text = out.stdout + out.stderr
+    assert "PASSWORD" not in text and "SIGNATURE" not in text, text
+    expected = "https://***@store.example/wds/a.tar?X-Amz-Signature=***"
+    assert out.stdout.count(expected) == 1 and out.stderr.count(expected) == 4, text
+
+
 @pytest.mark.slow
 def test_no_secret_reaches_mlflow_the_logs_or_the_console(demo_shards: Path, tmp_path: Path) -> None:
     """A run whose tracking URI carries a password and whose shards are read over HTTP with
