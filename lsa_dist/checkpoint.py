@@ -52,8 +52,10 @@ class TrainState:
     backend: str = "deepspeed"
     zero_stage: int = 0
     data_workers: int = 0  # loader workers per rank (their spans split a rank's samples); 0: not recorded
-    # how the epoch in progress was read before a resume changed world size or workers:
-    # [world_size, workers, batches] each (data.plan.Layout); empty in an epoch read one way
+    batch_size: int = 0  # data.batch_size trained with; 0: not recorded
+    # how the epoch in progress was read before a resume changed world size, workers or batch
+    # size: [world_size, workers, batches, batch_size] each (data.plan.Layout); empty in an
+    # epoch read one way
     layouts: list[list[int]] = field(default_factory=list)
     # where the lr schedule was placed: (step, epochs done at that step); moves when a resume
     # changes the world size (an epoch then has another number of steps)

@@ -179,6 +179,7 @@ class Trainer:
             backend=cfg.engine.backend,
             zero_stage=cfg.engine.zero_stage,
             data_workers=self.data_workers,
+            batch_size=cfg.data.batch_size,
         )
         self.resumed_from = self._resume()
         self.epoch_length = self._epoch_length()  # batches of the epoch in progress
@@ -270,8 +271,8 @@ class Trainer:
             folder, client_state = self._load_good(folder, fall_back=own_latest)
             s = self.state
             self.console.say(f"resumed from {folder} (epoch {s.epoch}, batch {s.batch}, step {s.step})")
-            new_world = self._adopt_layout()
-            if new_world or any(key.startswith("optim.") for key in accepted):
+            new_steps = self._adopt_layout()
+            if new_steps or any(key.startswith("optim.") for key in accepted):
                 self.engine.rebase_lr(configured_lrs)
             if s.lr_origin != [0, 0.0]:  # this run changed world size once: its schedule is placed
                 origin = (int(s.lr_origin[0]), float(s.lr_origin[1]))
@@ -284,28 +285,29 @@ class Trainer:
         return folder
 
     def _adopt_layout(self) -> bool:
-        """A checkpoint written by another number of ranks (or loader workers): the epoch in
-        progress goes on with the samples its earlier layouts left, re-split over this run's
-        ranks, and the lr schedule is placed where the run stands in epochs (an epoch now has
-        another number of steps). Returns whether the world size changed."""
-        s, world, workers = self.state, self.env.world_size, self.data_workers
-        saved_world, saved_workers = s.world_size, s.data_workers or workers
-        if (saved_world, saved_workers) == (world, workers):
+        """A checkpoint written by another number of ranks, loader workers or data.batch_size
+        (an accepted change): the epoch in progress goes on with the samples its earlier layouts
+        left, re-split over this run's ranks, and the lr schedule is placed where the run stands
+        in epochs. Returns whether an epoch now has another number of steps."""
+        s, world, workers, batch = self.state, self.env.world_size, self.data_workers, self.cfg.data.batch_size
+        saved = (s.world_size, s.data_workers or workers, s.batch_size or batch)
+        if saved == (world, workers, batch):
             return False
         done = sum(layout[2] for layout in s.layouts)
         if s.batch > done:
-            s.layouts.append([saved_world, saved_workers, s.batch - done])
-        if saved_world != world:
-            saved_steps = batches_per_rank(self.train_samples, saved_world, self.cfg.data.batch_size, True)
+            s.layouts.append([saved[0], saved[1], s.batch - done, saved[2]])
+        new_steps = (saved[0], saved[2]) != (world, batch)
+        if new_steps:
+            saved_steps = batches_per_rank(self.train_samples, saved[0], saved[2], True)
             origin_step, origin_epochs = s.lr_origin
             s.lr_origin = [s.step, origin_epochs + (s.step - origin_step) / saved_steps]
-        s.world_size, s.data_workers = world, workers
+        s.world_size, s.data_workers, s.batch_size = world, workers, batch
         left = self.train_loader.batches_left(s.epoch, self._layouts())
         self.console.say(
-            f"resumed {saved_world} ranks x {saved_workers} loader workers on {world} x {workers}: epoch "
-            f"{s.epoch} goes on with its unread samples, {left} batches per rank"
+            f"resumed {saved[0]} ranks x {saved[1]} loader workers x batch {saved[2]} on {world} x {workers} x "
+            f"{batch}: epoch {s.epoch} goes on with its unread samples, {left} batches per rank"
         )
-        return saved_world != world
+        return new_steps
 
     def _layouts(self) -> list[Layout]:
         return [Layout(*layout) for layout in self.state.layouts]

@@ -366,16 +366,14 @@ def test_resume_continues_with_exactly_the_samples_left(demo_shards: Path, fmt: 
 
 @pytest.mark.parametrize("fmt", ["wds", "ffcv"])
 def test_an_epoch_resumed_on_other_world_sizes_reads_every_sample_once(demo_shards: Path, fmt: str) -> None:
-    """2 ranks x 2 workers read 9 batches, 1 rank x 1 worker 13 more (restarted once inside),
-    3 ranks x 2 workers the rest: no sample twice, none lost beyond one global batch of the
-    last layout. The shuffle buffer makes what a worker consumed other than a prefix of its span."""
-    cfg = dict(shuffle_buffer=100, batch_size=16)
+    """2 ranks x 2 workers read 9 batches of 16, 1 rank x 1 worker 13 batches of 8 (restarted
+    once inside), 3 ranks x 2 workers the rest in batches of 16: no sample twice, none lost
+    beyond one global batch of the last layout. The shuffle buffer makes what a worker
+    consumed other than a prefix of its span."""
 
-    def keys(world: int, workers: int, layouts: list[Layout], batches: int | None = None, start: int = 0) -> list:
-        loaders = [
-            build_loader(data_cfg(demo_shards, fmt, num_workers=workers, **cfg), "train", r, world, True, seed=7)
-            for r in range(world)
-        ]
+    def keys(world: int, workers: int, batch: int, layouts: list[Layout], batches: int | None = None, start=0) -> list:
+        cfg = data_cfg(demo_shards, fmt, num_workers=workers, shuffle_buffer=100, batch_size=batch)
+        loaders = [build_loader(cfg, "train", r, world, True, seed=7) for r in range(world)]
         lengths = {loader.batches_left(2, layouts) for loader in loaders}
         assert len(lengths) == 1  # every rank has as many batches
         out = []
@@ -384,15 +382,15 @@ def test_an_epoch_resumed_on_other_world_sizes_reads_every_sample_once(demo_shar
             out.append(read[:batches] if batches is not None else read)
         return out
 
-    first = keys(2, 2, [], 9)
-    layouts = [Layout(2, 2, 9)]
-    second = keys(1, 1, layouts, 13)
-    assert keys(1, 1, layouts, 8, start=5) == [second[0][5:13]]  # a restart inside a layout continues it
-    layouts.append(Layout(1, 1, 13))
-    third = keys(3, 2, layouts)
+    first = keys(2, 2, 16, [], 9)
+    layouts = [Layout(2, 2, 9, 16)]
+    second = keys(1, 1, 8, layouts, 13)
+    assert keys(1, 1, 8, layouts, 8, start=5) == [second[0][5:13]]  # a restart inside a layout continues it
+    layouts.append(Layout(1, 1, 13, 8))
+    third = keys(3, 2, 16, layouts)
     read = [k for part in (first, second, third) for rank in part for batch in rank for k in batch]
     assert len(read) == len(set(read))  # none twice
-    left = 1438 - 2 * 9 * 16 - 13 * 16
+    left = 1438 - 2 * 9 * 16 - 13 * 8
     assert len(third[0]) == left // 48 and 1438 - len(read) == left % 48 < 3 * 16
 
 

@@ -250,29 +250,27 @@ def test_the_step_loop_reads_nothing_back_from_the_device_between_logging_steps(
 
 def test_a_run_continues_on_another_world_size_with_each_sample_once(demo_shards: Path, tmp_path: Path) -> None:
     """The paper's recipe on ZeRO-2 bf16: 2 ranks to step 10 (mid-epoch 0), 1 rank to step 40,
-    2 ranks to the end. Epoch 0 goes on each time with the samples not yet read (10 + 30 + 19
-    batches: 1438 samples less 10 x 32 and 30 x 16, in global batches of 32), the lr schedule
-    follows the epochs, and it is one MLflow run."""
+    2 ranks with data.batch_size 8 instead of 16 (an accepted change) to the end. Epoch 0 goes on
+    each time with the samples not yet read (10 + 30 + 39 batches: 1438 samples less 10 x 32 and
+    30 x 16, in global batches of 16), the lr schedule follows the epochs, and it is one MLflow run."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = (*INTERRUPTED, f"tracking.uri={uri}", "checkpoint.every_steps=0")
-    launches = [(2, "train.max_steps=10"), (1, "train.max_steps=40"), (2, "train.max_steps=0")]
+    smaller = ("data.batch_size=8", "train.accept_changes=[data.batch_size]")
+    launches = [(2, "train.max_steps=10"), (1, "train.max_steps=40"), (2, "train.max_steps=0", *smaller)]
     outputs = []
-    for nproc, steps in launches:
-        proc = helpers.run_local(tmp_path, "moved", demo_shards, *common, steps, nproc=nproc, timeout=600)
+    for nproc, *overrides in launches:
+        proc = helpers.run_local(tmp_path, "moved", demo_shards, *common, *overrides, nproc=nproc, timeout=600)
         assert_ok(proc)
         outputs.append(proc.stdout)
-    assert (
-        "resumed 2 ranks x 1 loader workers on 1 x 1: epoch 0 goes on with its unread samples, 69 batches" in outputs[1]
-    )
-    assert (
-        "resumed 1 ranks x 1 loader workers on 2 x 1: epoch 0 goes on with its unread samples, 19 batches" in outputs[2]
-    )
+    said = "loader workers x batch 16 on {}: epoch 0 goes on with its unread samples, {} batches per rank"
+    assert f"resumed 2 ranks x 1 {said.format('1 x 1 x 16', 69)}" in outputs[1]
+    assert f"resumed 1 ranks x 1 {said.format('2 x 1 x 8', 39)}" in outputs[2]
     rows = [json.loads(line) for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "epoch" in r and "train/epoch_loss" in r] == [59, 59 + 44]
+    assert [r["step"] for r in rows if "epoch" in r and "train/epoch_loss" in r] == [79, 79 + 89]
     loss = losses(tmp_path / "moved")
-    assert sorted(loss) == list(range(1, 104))  # every step once, none repeated or skipped
+    assert sorted(loss) == list(range(1, 169))  # every step once, none repeated or skipped
     for switch in (10, 40):  # no jump where the world size changed
         before = sum(loss[s] for s in range(switch - 4, switch + 1)) / 5
         assert abs(loss[switch + 1] - before) < 0.5, (switch, loss[switch + 1], before)
@@ -284,7 +282,7 @@ def test_a_run_continues_on_another_world_size_with_each_sample_once(demo_shards
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == list(range(1, 104))
+    assert sorted(m.step for m in history) == list(range(1, 169))
 
 
 PROGRESS_LINE = re.compile(

@@ -151,8 +151,9 @@ class FfcvLoader:
 
     def _consumed(self, sequence: np.ndarray, _k: int, layout: Layout, rank: int) -> np.ndarray:
         # FFCV reads a rank's list in order, whatever its number of workers
-        start, _ = rank_span(len(sequence), layout.world_size, rank, self.batch_size, True)
-        return sequence[start : start + layout.batches * self.batch_size]
+        batch = layout.batch_size or self.batch_size
+        start, _ = rank_span(len(sequence), layout.world_size, rank, batch, True)
+        return sequence[start : start + layout.batches * batch]
 
     def image_size(self, epoch: int) -> int:
         """The epoch's image size: data.progressive's when training, image_size when evaluating."""

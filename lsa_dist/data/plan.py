@@ -64,11 +64,13 @@ def batches_to_skip(worker: int, num_workers: int, start_batch: int) -> int:
 @dataclass(frozen=True)
 class Layout:
     """How an epoch was read for a while: by `world_size` ranks with `workers` loader workers
-    each, for `batches` batches per rank (a layout that ended mid-epoch: a resume changed it)."""
+    each, for `batches` batches of `batch_size` per rank (a layout that ended mid-epoch: a
+    resume changed it). batch_size 0: the run's data.batch_size (records from before it was kept)."""
 
     world_size: int
     workers: int
     batches: int
+    batch_size: int = 0
 
 
 # which positions of `sequence` rank `rank` consumed under `layout` (the k-th of its epoch)

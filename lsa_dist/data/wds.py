@@ -9,6 +9,7 @@ each worker's span up to where it stopped without decoding what it skips.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -121,12 +122,13 @@ class WebDatasetLoader:
         return batches_per_rank(len(self.sequence(epoch, layouts)), self.world_size, self.batch_size, True)
 
     def _consumed(self, epoch: int, sequence: np.ndarray, k: int, layout: Layout, rank: int) -> np.ndarray:
-        per_rank = batches_per_rank(len(sequence), layout.world_size, self.batch_size, True) * self.batch_size
+        batch = layout.batch_size or self.batch_size
+        per_rank = batches_per_rank(len(sequence), layout.world_size, batch, True) * batch
         taken = []
-        for span in worker_spans(per_rank // self.batch_size, layout.workers, self.batch_size):
+        for span in worker_spans(per_rank // batch, layout.workers, batch):
             start = rank * per_rank + span.start
-            positions = sequence[start : start + span.num_batches * self.batch_size]
-            count = batches_to_skip(span.worker, layout.workers, layout.batches) * self.batch_size
+            positions = sequence[start : start + span.num_batches * batch]
+            count = batches_to_skip(span.worker, layout.workers, layout.batches) * batch
             mixed = self.mix(iter(positions.tolist()), epoch, rank, span.worker, k)
             taken.append(np.fromiter(itertools.islice(mixed, count), dtype=np.int64, count=count))
         return np.concatenate(taken)
@@ -241,18 +243,18 @@ class _Plan:
     before each epoch (or evaluation) starts, every worker reads it as its iteration begins."""
 
     def __init__(self) -> None:
-        self.values = torch.zeros(4 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
+        self.values = torch.zeros(4 + 4 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
 
     def set(self, epoch: int, start_batch: int, return_keys: bool, layouts: Sequence[Layout]) -> None:
         if len(layouts) > MAX_LAYOUTS:
             raise ValueError(f"an epoch read under more than {MAX_LAYOUTS} layouts")
-        flat = [v for layout in layouts for v in (layout.world_size, layout.workers, layout.batches)]
+        flat = [v for layout in layouts for v in dataclasses.astuple(layout)]
         self.values.zero_()
         self.values[: 4 + len(flat)] = torch.tensor([epoch, start_batch, int(return_keys), len(layouts), *flat])
 
     def get(self) -> tuple[int, int, bool, list[Layout]]:
         v = self.values.tolist()
-        layouts = [Layout(*v[4 + 3 * i : 7 + 3 * i]) for i in range(v[3])]
+        layouts = [Layout(*v[4 + 4 * i : 8 + 4 * i]) for i in range(v[3])]
         return v[0], v[1], bool(v[2]), layouts
 
 
