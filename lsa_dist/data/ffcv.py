@@ -31,6 +31,11 @@ from .plan import PAD_LABEL, Layout, batches_per_rank, epoch_rng, rank_span, rem
 from .transforms import ModelInput, decode_pil, normalization
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# compiled ffcv Loaders of this process, by what their pipeline is: its numba compilation takes
+# 5-15 s, so a loader built again with the same file and pipeline (another rank's in one
+# process, a rebuilt evaluation loader) takes the compiled one, unless one is reading from it
+_COMPILED: dict[tuple, Any] = {}
+_READING: set[int] = set()  # id() of the compiled Loaders an epoch is being read from
 
 
 def require_ffcv() -> None:
@@ -111,7 +116,6 @@ class FfcvLoader:
         self.cfg = cfg
         self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
         self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
-        self._ffcv: dict[int, Any] = {}  # one compiled ffcv Loader per image size
         self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
         # batches arrive on the training device (the trainer has chosen it before the loaders)
         self.device = (
@@ -196,23 +200,26 @@ class FfcvLoader:
         return {"image": image, "label": label}
 
     def _loader(self, indices: np.ndarray, size: int):  # noqa: ANN202 - ffcv.loader.Loader
-        """One ffcv Loader per image size for the whole run (its pipeline is compiled once); the
-        order is set per epoch."""
+        """A compiled ffcv Loader for this pipeline at `size`, kept for the process's life (its
+        pipeline is compiled once), with its order set to `indices`."""
         from ffcv.loader import Loader, OrderOption
 
-        if size not in self._ffcv:
-            self._ffcv[size] = Loader(
+        workers = max(1, self.cfg.num_workers)
+        key = (str(self.path), self.batch_size, workers, size, self.train, repr(self.cfg.augment), str(self.device))
+        loader = _COMPILED.get(key)
+        if loader is None or id(loader) in _READING:
+            loader = Loader(
                 str(self.path),
                 batch_size=self.batch_size,
-                num_workers=max(1, self.cfg.num_workers),
+                num_workers=workers,
                 order=OrderOption.SEQUENTIAL,
                 indices=indices,
                 pipelines=self._pipelines(size),
                 drop_last=False,
             )
+            _COMPILED.setdefault(key, loader)
         # ffcv asks its traversal order for each epoch's sample order and sizes the epoch by the
         # first one; both are pointed at this epoch's list.
-        loader = self._ffcv[size]
         loader.traversal_order = _GivenOrder(indices)
         loader.first_traversal_order = indices
         return loader
@@ -231,17 +238,25 @@ class FfcvLoader:
         indices = self.indices(epoch, layouts)[start_batch * self.batch_size : num_batches * self.batch_size]
         produced = start_batch
         if len(indices):
-            batches = self._loader(indices, self.image_size(epoch))
-            if self.rand_augment is not None:  # in a thread beside the training step
-                batches = _augmented(batches, self.rand_augment, (self.seed, epoch, self.rank, start_batch))
-            for images, labels in batches:
-                if self.rand_augment is None:
-                    images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
-                batch = self._pad(images, labels)
-                taken = (produced - start_batch) * self.batch_size
-                keys = indices[taken : taken + len(labels)].tolist()
-                yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
-                produced += 1
+            loader = self._loader(indices, self.image_size(epoch))
+            _READING.add(id(loader))
+            reader = batches = iter(loader)
+            try:
+                if self.rand_augment is not None:  # in a thread beside the training step
+                    batches = _augmented(reader, self.rand_augment, (self.seed, epoch, self.rank, start_batch))
+                for images, labels in batches:
+                    if self.rand_augment is None:
+                        images, labels = images.clone(), labels.clone().view(-1).long()  # FFCV reuses its buffers
+                    batch = self._pad(images, labels)
+                    taken = (produced - start_batch) * self.batch_size
+                    keys = indices[taken : taken + len(labels)].tolist()
+                    yield (*batch, keys + [-1] * (self.batch_size - len(keys))) if return_keys else batch
+                    produced += 1
+            finally:  # read to the end or left early: the augmenting thread ends, then FFCV's
+                if batches is not reader:
+                    batches.close()
+                reader.close()
+                _READING.discard(id(loader))
         while produced < num_batches:  # a rank with fewer evaluation samples
             size = self.cfg.image_size
             empty = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=self.device)
