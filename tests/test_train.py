@@ -4,6 +4,7 @@ started by launch/local.py, on the demo shards, with a tiny LSA."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -224,6 +225,23 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
     resumed = weights(tmp_path / "interrupted")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_a_run_on_ffcv_files_with_the_papers_recipe_resumes_where_it_stopped(demo_shards: Path, tmp_path: Path) -> None:
+    """data.format=ffcv through launch/local.py: 2 ranks, ZeRO-2 bf16, the paper's recipe
+    (RandAugment in the loader's background thread) and progressive resizing, stopped at step
+    30 (mid-epoch 0) and resumed to the end: every step once, finite losses, evaluations at the
+    stop and both epochs' ends on the .beton files."""
+    common = (*INTERRUPTED, "data.format=ffcv", "tracking.enabled=false", "checkpoint.every_steps=0")
+    assert_ok(run_local(tmp_path, "ffcv", demo_shards, *common, "train.max_steps=30"))
+    proc = run_local(tmp_path, "ffcv", demo_shards, *common)
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout and "step 30)" in proc.stdout
+    loss = losses(tmp_path / "ffcv")
+    assert sorted(loss) == list(range(1, 89)) and all(math.isfinite(v) for v in loss.values())
+    rows = [json.loads(line) for line in (tmp_path / "ffcv" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r["val/top1"] for r in rows if "val/top1" in r}
+    assert sorted(evaluated) == [30, 44, 88] and all(0 <= v <= 100 for v in evaluated.values())
 
 
 def test_the_step_loop_reads_nothing_back_from_the_device_between_logging_steps(tmp_path: Path) -> None:
