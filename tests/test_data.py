@@ -278,6 +278,12 @@ def test_interrupted_conversion_resumes_without_redoing_shards(demo_source: Path
     assert [s["sha256"] for s in resumed["splits"]["train"]["shards"]] == [
         s["sha256"] for s in clean["splits"]["train"]["shards"]
     ]
+    # a record is trusted for its own shard only: one that names another file is converted again
+    tampered = records / f"{min(finished)}.json"
+    tampered.write_text(json.dumps({**json.loads(tampered.read_text()), "name": "a;touch ran;#.tar"}))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "71 of 72 shards already finished" in again.stdout, again.stderr
+    assert json.loads((out / "dataset.json").read_text())["splits"] == resumed["splits"]
 
 
 def test_converter_errors_name_the_problem(demo_source: Path, awkward_source: Path, tmp_path: Path) -> None:

@@ -245,6 +245,8 @@ def _finished(task: ShardTask) -> ShardRecord | None:
         record = ShardRecord(**json.loads(path.read_text()))
     except (ValueError, TypeError):
         return None
+    if record.name != task.name:  # a record is trusted for its own shard only: its name goes into dataset.json
+        return None
     if record.keys_sha256 != _keys_digest(task.samples) or record.bytes != shard.stat().st_size:
         return None
     if not record.options:  # written before options were recorded: convert it again
