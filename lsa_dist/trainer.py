@@ -274,7 +274,7 @@ class Trainer:
             new_steps = self._adopt_layout()
             if new_steps or any(key.startswith("optim.") for key in accepted):
                 self.engine.rebase_lr(configured_lrs)
-            if s.lr_origin != [0, 0.0]:  # this run changed world size once: its schedule is placed
+            if s.lr_origin != [0, 0.0]:  # an epoch's steps changed once (world or batch size): the schedule is placed
                 origin = (int(s.lr_origin[0]), float(s.lr_origin[1]))
                 factor = lr_lambda(self.cfg, self.steps_per_epoch, self.env.world_size, origin)
                 self.engine.rebase_lr(self.engine.base_lrs(), factor)
@@ -290,22 +290,22 @@ class Trainer:
         left, re-split over this run's ranks, and the lr schedule is placed where the run stands
         in epochs. Returns whether an epoch now has another number of steps."""
         s, world, workers, batch = self.state, self.env.world_size, self.data_workers, self.cfg.data.batch_size
-        saved = (s.world_size, s.data_workers or workers, s.batch_size or batch)
-        if saved == (world, workers, batch):
+        saved_world, saved_workers, saved_batch = s.world_size, s.data_workers or workers, s.batch_size or batch
+        if (saved_world, saved_workers, saved_batch) == (world, workers, batch):
             return False
         done = sum(layout[2] for layout in s.layouts)
         if s.batch > done:
-            s.layouts.append([saved[0], saved[1], s.batch - done, saved[2]])
-        new_steps = (saved[0], saved[2]) != (world, batch)
+            s.layouts.append([saved_world, saved_workers, s.batch - done, saved_batch])
+        new_steps = (saved_world, saved_batch) != (world, batch)
         if new_steps:
-            saved_steps = batches_per_rank(self.train_samples, saved[0], saved[2], True)
+            saved_steps = batches_per_rank(self.train_samples, saved_world, saved_batch, True)
             origin_step, origin_epochs = s.lr_origin
             s.lr_origin = [s.step, origin_epochs + (s.step - origin_step) / saved_steps]
         s.world_size, s.data_workers, s.batch_size = world, workers, batch
         left = self.train_loader.batches_left(s.epoch, self._layouts())
         self.console.say(
-            f"resumed {saved[0]} ranks x {saved[1]} loader workers x batch {saved[2]} on {world} x {workers} x "
-            f"{batch}: epoch {s.epoch} goes on with its unread samples, {left} batches per rank"
+            f"resumed {saved_world} ranks x {saved_workers} loader workers x batch {saved_batch} on {world} x "
+            f"{workers} x {batch}: epoch {s.epoch} goes on with its unread samples, {left} batches per rank"
         )
         return new_steps
 
