@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -182,7 +183,7 @@ def _with_mfu(result: dict[str, Any]) -> dict[str, Any]:
 
 def _finite(value: float) -> float | None:
     """`value` rounded, or None where there is none (MFU without a datasheet peak: on CPU)."""
-    return round(value, 4) if value == value and abs(value) != float("inf") else None
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def deepspeed_step(quick: bool) -> dict[str, Any]:
