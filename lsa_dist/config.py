@@ -2,19 +2,21 @@
 
 YAML files in configs/ are instances of `RunConfig`; `key=value` overrides apply on top
 (`optim.lr=1e-3 data.batch_size=64`). `load_config` validates everything that can be known
-before a process starts and raises ConfigError naming the key.
+before a process starts and raises ConfigError naming the key. Each field declares its own
+constraints (`knob`: interval, choices, part of the run's mathematics).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .constraints import knob, violations
 
 
 class ConfigError(ValueError):
@@ -25,22 +27,22 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """Training augmentation (see lsa_dist.data.transforms for the recipes)."""
 
-    recipe: str = "imagenet"  # imagenet | basic | cifar | none
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.5
+    recipe: str = knob("imagenet", choices=("imagenet", "basic", "cifar", "none"))
+    scale: list[float] = knob([0.08, 1.0], interval="(0, 1]")
+    ratio: list[float] = knob([3 / 4, 4 / 3], interval="(0, inf)")
+    hflip: float = knob(0.5, interval="[0, 1]")
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" for none
-    color_jitter: float = 0.0
-    reprob: float = 0.25  # random erasing probability
+    color_jitter: float = knob(0.0, interval="[0, inf)")
+    reprob: float = knob(0.25, interval="[0, 1]")  # random erasing probability
     remode: str = "pixel"
     interpolation: str = "bicubic"
-    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, center crop
-    cifar_padding: int = 4
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
+    crop_pct: float = knob(0.875, interval="(0, 1]")  # eval: resize to image_size / crop_pct, center crop
+    cifar_padding: int = knob(4, interval="[0, inf)")
+    mixup: float = knob(0.8, interval="[0, inf)")
+    cutmix: float = knob(1.0, interval="[0, inf)")
+    mixup_prob: float = knob(1.0, interval="[0, 1]")
+    mixup_switch_prob: float = knob(0.5, interval="[0, 1]")
+    label_smoothing: float = knob(0.1, interval="[0, 1)")
 
 
 @dataclass
@@ -50,33 +52,33 @@ class ProgressiveConfig:
     `last_epoch`, intermediate sizes rounded to a multiple of `multiple`. Evaluation stays at
     data.image_size, the size the model is built for; the lr schedule is not touched."""
 
-    start: int = 0  # 0: off (training at data.image_size)
-    end: int = 0  # 0: data.image_size
-    first_epoch: int = 0
-    last_epoch: int = 0
-    multiple: int = 32
+    start: int = knob(0, interval="[0, inf)")  # 0: off (training at data.image_size)
+    end: int = knob(0, interval="[0, inf)")  # 0: data.image_size
+    first_epoch: int = knob(0, interval="[0, inf)")
+    last_epoch: int = knob(0, interval="[0, inf)")
+    multiple: int = knob(32, interval="[1, inf)")
 
 
 @dataclass
 class DataConfig:
     """Where the converted dataset is and how it is streamed."""
 
-    format: str = "wds"  # wds | ffcv
+    format: str = knob("wds", choices=("wds", "ffcv"), math=True)
     root: str = "data/demo/shards"  # the converter's --out folder (holds dataset.json)
     urls: str = ""  # WebDataset shard location template, e.g. "pipe:curl -s https://host/wds/{shard}"
-    train_split: str = "train"
+    train_split: str = knob("train", math=True)
     val_split: str = "val"
-    image_size: int = 224
-    batch_size: int = 64  # per rank and optimizer step (split into grad_accum_steps micro-batches)
-    eval_batch_size: int = 0  # per rank; 0 = batch_size
-    num_workers: int = 4
-    shuffle_buffer: int = 2000
+    image_size: int = knob(224, interval="[1, inf)", math=True)
+    batch_size: int = knob(64, interval="[1, inf)", math=True)  # per rank and optimizer step, see grad_accum_steps
+    eval_batch_size: int = knob(0, interval="[0, inf)")  # per rank; 0 = batch_size
+    num_workers: int = knob(4, interval="[0, inf)")
+    shuffle_buffer: int = knob(2000, interval="[0, inf)", math=True)
     check_checksums: bool = False  # re-hash every data file before training (slow on ImageNet)
     # imagenet: the mean/std the paper's (and timm's, DeiT's) models were trained with;
     # dataset: the ones measured on the converted pixels (dataset.json), for other kinds of images
-    normalize: str = "imagenet"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    normalize: str = knob("imagenet", choices=("imagenet", "dataset"), math=True)
+    augment: AugmentConfig = knob(AugmentConfig, math=True)
+    progressive: ProgressiveConfig = knob(ProgressiveConfig, math=True)
 
     def train_size(self, epoch: int) -> int:
         """The training image size at `epoch` (data.progressive); evaluation's is image_size."""
@@ -95,9 +97,9 @@ class DataConfig:
 @dataclass
 class ModelSection:
     name: str = "lsa_tiny"  # a named variant of lsa_dist.models
-    num_classes: int = 0  # 0: the number of classes in dataset.json
-    drop_path_rate: float = 0.1
-    drop_path_mode: str = "uniform"  # uniform (the paper's code) | linear
+    num_classes: int = knob(0, interval="[0, inf)")  # 0: the number of classes in dataset.json
+    drop_path_rate: float = knob(0.1, interval="[0, 1)")
+    drop_path_mode: str = knob("uniform", choices=("uniform", "linear"))  # uniform: the paper's code
     official_checkpoint: str = ""  # start from weights released with the paper (same variant)
     # start from weights trained here: a model.pt, an export, or a checkpoint (or run) folder of any
     # stage; another num_classes gets a new head, another image size resampled positional tables
@@ -107,37 +109,37 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4  # at a global batch of lr_batch; scaled linearly to the actual one
-    lr_batch: int = 512  # 0: use lr as is
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    epochs: int = 300
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    grad_accum_steps: int = 1
-    ema_decay: float = 0.0  # exponential moving average of weights; 0 = off
+    lr: float = knob(5e-4, interval="(0, inf)")  # at a global batch of lr_batch; scaled linearly to the actual one
+    lr_batch: int = knob(512, interval="[0, inf)")  # 0: use lr as is
+    min_lr: float = knob(1e-5, interval="[0, inf)")
+    warmup_lr: float = knob(1e-6, interval="[0, inf)")
+    warmup_epochs: float = knob(5.0, interval="[0, inf)")
+    epochs: int = knob(300, interval="[1, inf)")
+    weight_decay: float = knob(0.05, interval="[0, inf)")
+    betas: list[float] = knob([0.9, 0.999], interval="[0, 1)")
+    eps: float = knob(1e-8, interval="(0, inf)")
+    grad_clip: float = knob(0.0, interval="[0, inf)")  # max global gradient norm; 0 = off
+    grad_accum_steps: int = knob(1, interval="[1, inf)")
+    ema_decay: float = knob(0.0, interval="[0, 1)")  # exponential moving average of weights; 0 = off
 
 
 @dataclass
 class EngineConfig:
-    backend: str = "deepspeed"  # deepspeed | fairscale
-    zero_stage: int = 1  # 0-3 (deepspeed); fairscale OSS shards optimizer state only (stage 1)
-    precision: str = "bf16"  # fp32 | bf16 | fp16
-    activation_checkpointing: str = "none"  # none | all | every_k
-    checkpoint_every_k: int = 2  # with every_k: blocks 0, k, 2k, ... are checkpointed
-    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
-    bucket_size: int = 50_000_000  # elements per ZeRO reduce/all-gather/prefetch bucket
-    peak_tflops: float = 0.0  # per device, for MFU; 0: a known GPU's peak, or measured on CPU
+    backend: str = knob("deepspeed", choices=("deepspeed", "fairscale"), math=True)
+    zero_stage: int = knob(1, interval="[0, 3]", math=True)  # fairscale: 0 or 1 (OSS shards optimizer state only)
+    precision: str = knob("bf16", choices=("fp32", "bf16", "fp16"), math=True)
+    activation_checkpointing: str = knob("none", choices=("none", "all", "every_k"))
+    checkpoint_every_k: int = knob(2, interval="[1, inf)")  # with every_k: blocks 0, k, 2k, ... are checkpointed
+    offload_optimizer: bool = knob(False, math=True)  # ZeRO-Offload of optimizer state to CPU memory
+    bucket_size: int = knob(50_000_000, interval="[1, inf)")  # elements per ZeRO reduce/all-gather/prefetch bucket
+    peak_tflops: float = knob(0.0, interval="[0, inf)")  # per device (MFU); 0: a known GPU's peak, or measured on CPU
     compile: bool = False  # torch.compile the model
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # also at epoch end; 0 = epoch end only
-    keep_last: int = 3
+    every_steps: int = knob(0, interval="[0, inf)")  # also at epoch end; 0 = epoch end only
+    keep_last: int = knob(3, interval="[1, inf)")
     export_at_end: bool = True  # write a consolidated fp32 model.pt at the end
 
 
@@ -147,7 +149,7 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
     experiment: str = "lsa_dist"
     run_name: str = ""  # "" = train.name
-    log_every: int = 1  # steps between logged training metrics (batched, sent from a background thread)
+    log_every: int = knob(1, interval="[1, inf)")  # steps between logged metrics (batched, sent by a background thread)
     register_model: str = ""  # register the final model under this name; "" = don't
 
 
@@ -157,23 +159,24 @@ class SlurmConfig:
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    time_min: int = 60 * 24
-    gpus_per_node: int = 0
-    cpus_per_task: int = 8
-    mem_gb: int = 0  # per node; 0: mem_per_gpu_gb x GPUs per node (SLURM's default without GPUs)
-    mem_per_gpu_gb: int = 64
+    time_min: int = knob(60 * 24, interval="[1, inf)")
+    gpus_per_node: int = knob(0, interval="[0, inf)")
+    cpus_per_task: int = knob(8, interval="[1, inf)")
+    mem_gb: int = knob(0, interval="[0, inf)")  # per node; 0: mem_per_gpu_gb x GPUs (SLURM's default without GPUs)
+    mem_per_gpu_gb: int = knob(64, interval="[1, inf)")
     exclusive: bool = False
     job_name: str = ""
     additional: dict[str, str] = field(default_factory=dict)  # more sbatch directives: {mail-type: END}
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts: module load ...
-    array_parallelism: int = 0  # a --sweep's jobs run as one array, at most this many at once; 0: all
+    array_parallelism: int = knob(0, interval="[0, inf)")  # --sweep: one job array, at most this many at once; 0: all
 
 
 @dataclass
 class LaunchConfig:
-    nproc: int = 2  # processes for launch/local.py
-    max_restarts: int = 0  # launch/local.py: restarts of all workers from the last checkpoint after a crash
-    nodes: int = 1
+    nproc: int = knob(2, interval="[1, inf)")  # processes for launch/local.py
+    # launch/local.py: restarts of all workers from the last checkpoint after a crash
+    max_restarts: int = knob(0, interval="[0, inf)")
+    nodes: int = knob(1, interval="[1, inf)")
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -181,14 +184,14 @@ class LaunchConfig:
 class TrainSection:
     name: str = ""  # run name; "" = the config file's stem
     output_dir: str = "runs"  # runs go to output_dir/name
-    seed: int = 0
+    seed: int = knob(0, interval="[0, 9223372036854775807]", math=True)  # torch and NumPy take non-negative seeds
     resume: str = "auto"  # auto (latest good checkpoint of this run) | never | a checkpoint folder
     overwrite: bool = False  # with resume=never (or another run's checkpoint): set this run's checkpoints aside
     accept_changes: list[str] = field(default_factory=list)  # keys (or sections) a resume may change
-    eval_every: int = 1  # epochs
-    max_steps: int = 0  # stop after this many optimizer steps (0 = the full schedule)
+    eval_every: int = knob(1, interval="[1, inf)")  # epochs
+    max_steps: int = knob(0, interval="[0, inf)")  # stop after this many optimizer steps (0 = the full schedule)
     eval_only: bool = False  # evaluate the resumed/initial weights and stop
-    log_every: int = 10  # steps between progress lines on rank 0
+    log_every: int = knob(10, interval="[1, inf)")  # steps between progress lines on rank 0
     # the real engine and loop on in-memory random data (no dataset read): to measure the system
     # without the loader; an epoch is ImageNet-1k's size, model.num_classes (0: 1000) classes
     synthetic: bool = False
@@ -196,9 +199,9 @@ class TrainSection:
 
 @dataclass
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = knob(ModelSection, math=True)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = knob(OptimConfig, math=True)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -210,99 +213,10 @@ class RunConfig:
         return Path(self.train.output_dir) / self.train.name
 
 
-CHOICES = {
-    "data.format": ("wds", "ffcv"),
-    "data.normalize": ("imagenet", "dataset"),
-    "data.augment.recipe": ("imagenet", "basic", "cifar", "none"),
-    "engine.backend": ("deepspeed", "fairscale"),
-    "engine.precision": ("fp32", "bf16", "fp16"),
-    "engine.activation_checkpointing": ("none", "all", "every_k"),
-    "model.drop_path_mode": ("uniform", "linear"),
-}
-
-
-# the valid interval of every numeric key ("(" and ")": that end excluded); lists: each element
-RANGES = {
-    "data.image_size": "[1, inf)",
-    "data.batch_size": "[1, inf)",
-    "data.eval_batch_size": "[0, inf)",
-    "data.num_workers": "[0, inf)",
-    "data.shuffle_buffer": "[0, inf)",
-    "data.augment.scale": "(0, 1]",
-    "data.augment.ratio": "(0, inf)",
-    "data.augment.hflip": "[0, 1]",
-    "data.augment.color_jitter": "[0, inf)",
-    "data.augment.reprob": "[0, 1]",
-    "data.augment.crop_pct": "(0, 1]",
-    "data.augment.cifar_padding": "[0, inf)",
-    "data.augment.mixup": "[0, inf)",
-    "data.augment.cutmix": "[0, inf)",
-    "data.augment.mixup_prob": "[0, 1]",
-    "data.augment.mixup_switch_prob": "[0, 1]",
-    "data.augment.label_smoothing": "[0, 1)",
-    "data.progressive.start": "[0, inf)",
-    "data.progressive.end": "[0, inf)",
-    "data.progressive.first_epoch": "[0, inf)",
-    "data.progressive.last_epoch": "[0, inf)",
-    "data.progressive.multiple": "[1, inf)",
-    "model.num_classes": "[0, inf)",
-    "model.drop_path_rate": "[0, 1)",
-    "optim.lr": "(0, inf)",
-    "optim.lr_batch": "[0, inf)",
-    "optim.min_lr": "[0, inf)",
-    "optim.warmup_lr": "[0, inf)",
-    "optim.warmup_epochs": "[0, inf)",
-    "optim.epochs": "[1, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.betas": "[0, 1)",
-    "optim.eps": "(0, inf)",
-    "optim.grad_clip": "[0, inf)",
-    "optim.grad_accum_steps": "[1, inf)",
-    "optim.ema_decay": "[0, 1)",
-    "engine.zero_stage": "[0, 3]",
-    "engine.checkpoint_every_k": "[1, inf)",
-    "engine.bucket_size": "[1, inf)",
-    "engine.peak_tflops": "[0, inf)",
-    "checkpoint.every_steps": "[0, inf)",
-    "checkpoint.keep_last": "[1, inf)",
-    "tracking.log_every": "[1, inf)",
-    "launch.nproc": "[1, inf)",
-    "launch.max_restarts": "[0, inf)",
-    "launch.nodes": "[1, inf)",
-    "launch.slurm.time_min": "[1, inf)",
-    "launch.slurm.gpus_per_node": "[0, inf)",
-    "launch.slurm.cpus_per_task": "[1, inf)",
-    "launch.slurm.mem_gb": "[0, inf)",
-    "launch.slurm.mem_per_gpu_gb": "[1, inf)",
-    "launch.slurm.array_parallelism": "[0, inf)",
-    "train.seed": "[0, 9223372036854775807]",  # torch and NumPy take non-negative seeds
-    "train.eval_every": "[1, inf)",
-    "train.max_steps": "[0, inf)",
-    "train.log_every": "[1, inf)",
-}
-
-
-def _in_range(value: float, interval: str) -> bool:
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return math.isfinite(value) and above and below
-
-
 def check_ranges(cfg: RunConfig) -> None:
-    """ConfigError naming the first numeric key outside its interval (RANGES) or not finite."""
-    for key, interval in RANGES.items():
-        value = _get(cfg, key)
-        for item in value if isinstance(value, list) else [value]:
-            if not _in_range(float(item), interval):
-                raise ConfigError(f"{key}: must be a finite number in {interval}, got {value}")
-
-
-def _get(cfg: RunConfig, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
+    """ConfigError naming the first key outside its field's choices or interval (see `knob`)."""
+    for message in violations(cfg):
+        raise ConfigError(message)
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -341,10 +255,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(cfg: RunConfig) -> None:
-    """Ranges and cross-field checks; raises ConfigError naming the key."""
-    for key, options in CHOICES.items():
-        if _get(cfg, key) not in options:
-            raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {_get(cfg, key)!r}")
+    """Choices, ranges and cross-field checks; raises ConfigError naming the key."""
     check_ranges(cfg)
     aug = cfg.data.augment
     for key in ("scale", "ratio"):

@@ -98,8 +98,9 @@ def test_progressive_resizing_follows_its_schedule() -> None:
     assert load_config(ROOT / "configs" / "lsa_tiny.yaml").data.train_size(3) == 224
 
 
-def numeric_keys(section: object = None, prefix: str = "") -> dict[str, type]:
-    """Every int, float and list-of-float key of the schema, found by walking its dataclasses."""
+def numeric_keys(section: object = None, prefix: str = "") -> dict[str, tuple[type, str]]:
+    """Every int, float and list-of-float key of the schema with the interval its field declares
+    ("" when none), found by walking its dataclasses."""
     import dataclasses
     import typing
 
@@ -112,21 +113,23 @@ def numeric_keys(section: object = None, prefix: str = "") -> dict[str, type]:
         if dataclasses.is_dataclass(kind):
             out.update(numeric_keys(kind, f"{prefix}{f.name}."))
         elif kind in (int, float) or kind == list[float]:
-            out[f"{prefix}{f.name}"] = kind
+            out[f"{prefix}{f.name}"] = (kind, f.metadata.get("interval", ""))
     return out
 
 
 def test_every_numeric_key_has_a_range_and_bad_values_exit_2_in_one_line(capsys: pytest.CaptureFixture) -> None:
     """Out-of-range and non-finite values for every numeric key: exit 2 with one line naming the
     key, never a traceback (through the training command's own front)."""
-    from lsa_dist.config import RANGES
+    from lsa_dist.config import RunConfig
+    from lsa_dist.constraints import walk_fields
     from lsa_dist.train import command
 
     keys = numeric_keys()
-    assert set(keys) == set(RANGES), set(keys) ^ set(RANGES)  # no numeric key without a range
+    assert all(interval for _, interval in keys.values()), [k for k, (_, i) in keys.items() if not i]
+    with_interval = {key for key, f, _ in walk_fields(RunConfig()) if f.metadata.get("interval")}
+    assert with_interval == set(keys), with_interval ^ set(keys)  # intervals only on numeric keys
     tried = 0
-    for key, kind in keys.items():
-        interval = RANGES[key]
+    for key, (kind, interval) in keys.items():
         high = interval[1:-1].split(",")[1].strip()
         bad = ["-1", "-0.5"]
         if high != "inf":
