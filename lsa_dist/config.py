@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .constraints import knob, violations
+from .constraints import knob, violations, walk_fields
 
 
 class ConfigError(ValueError):
@@ -213,6 +213,13 @@ class RunConfig:
         return Path(self.train.output_dir) / self.train.name
 
 
+def is_math_key(key: str) -> bool:
+    """Whether a change of the dotted `key` alters the run's mathematics: a field marked so, or
+    any key below a marked section (free-form ones such as model.options.mlp_ratio included)."""
+    marks = (mark for mark, f, _ in walk_fields(RunConfig()) if f.metadata.get("math"))
+    return any(key == mark or key.startswith(mark + ".") for mark in marks)
+
+
 def check_ranges(cfg: RunConfig) -> None:
     """ConfigError naming the first key outside its field's choices or interval (see `knob`)."""
     for message in violations(cfg):
@@ -353,6 +360,12 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
     """{'optim.lr': 0.0005, ...}: the config as flat key/value pairs (MLflow params)."""
+    return flatten_tree(to_dict(cfg))
+
+
+def flatten_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict (a saved config.yaml as read back) as the same dotted key/value pairs that
+    `flatten` gives, so the two compare key by key; an empty dict stays a value."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -362,5 +375,5 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
         else:
             out[prefix] = value
 
-    walk("", to_dict(cfg))
+    walk("", tree)
     return out

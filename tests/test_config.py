@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lsa_dist.config import ConfigError, RunConfig, flatten, load_config, to_yaml
+from lsa_dist.config import ConfigError, RunConfig, flatten, flatten_tree, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -81,6 +81,48 @@ def test_flatten_gives_one_param_per_leaf_key() -> None:
     assert flat["optim.lr"] == 5e-4 and flat["launch.slurm.partition"] == ""
     assert "engine.compile" in flat and "train.log_every" in flat
     assert not any(isinstance(v, dict) and v for v in flat.values())
+
+
+def test_flatten_tree_flattens_a_saved_config_the_way_flatten_flattens_the_config() -> None:
+    import yaml
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert flatten_tree(yaml.safe_load(to_yaml(cfg))) == flatten(cfg)
+    assert flatten(RunConfig())["model.options"] == {}  # an empty dict stays a value
+    assert flatten_tree({"a": {"b": 1, "c": {}, "d": [1, {"e": 2}]}, "f": None}) == {
+        "a.b": 1,
+        "a.c": {},
+        "a.d": [1, {"e": 2}],
+        "f": None,
+    }
+
+
+def test_math_keys_are_the_fields_marked_so_and_every_key_below_a_marked_section() -> None:
+    """The marks on the schema's fields answer what the list of keys that alter a run's mathematics
+    (sections end with a dot) answered before the marks replaced it."""
+    from lsa_dist.config import is_math_key
+
+    math_keys = (
+        "model.",
+        "optim.",
+        "data.augment.",
+        "data.progressive.",
+        "data.batch_size",
+        "data.image_size",
+        "data.normalize",
+        "data.format",
+        "data.train_split",
+        "data.shuffle_buffer",
+        "engine.backend",
+        "engine.zero_stage",
+        "engine.precision",
+        "engine.offload_optimizer",
+        "train.seed",
+    )
+    keys = list(flatten(RunConfig())) + ["model.options.mlp_ratio", "model.options.widths", "model.options.a.b"]
+    answers = {key: is_math_key(key) for key in keys}
+    assert answers == {key: key.startswith(math_keys) or key in math_keys for key in keys}
+    assert sum(answers.values()) > 40 and not answers["data.num_workers"] and not answers["train.log_every"]
 
 
 def test_progressive_resizing_follows_its_schedule() -> None:
