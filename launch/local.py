@@ -29,6 +29,7 @@ from lsa_dist.config import RunConfig  # noqa: E402
 from lsa_dist.elastic import Echo, Outcome, SurvivingStdout, WorkerExit, run_workers, tail  # noqa: E402
 from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
 from lsa_dist.redact import redact_output, redact_text  # noqa: E402
+from lsa_dist.resume import take_lineage  # noqa: E402
 from lsa_dist.tracking import PENDING, RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
 
 
@@ -117,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cli.load(args, *(f"{k}={v}" for k, v in flags.items() if v is not None))
         lock = RunLock(cfg.run_dir, "launch/local.py")
         lock.check_free()  # a run in use is refused as such, before what its config would do is checked
-        previous = cli.preflight(cfg, cfg.launch.nproc)
+        plan = cli.preflight(cfg, cfg.launch.nproc)
         lock.acquire()  # held until this process ends
+        take_lineage(plan, cfg.run_dir)  # before any worker starts: no restart sees the lineage left
     except cli.USER_ERRORS as err:
         return cli.fail(err)
     os.environ[OWNER_ENV] = "1"  # the workers train under this process's ownership
-    config_path, run_id = cli.prepare_run(cfg, previous, "launch_config.yaml")
+    config_path, run_id = cli.prepare_run(cfg, plan.run_id, "launch_config.yaml")
     if run_id:
         print(f"MLflow run {run_id} ({cfg.tracking.experiment})")
     outcome, offsets = launch(cfg, config_path, run_id, args.stop_timeout)

@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 from lsa_dist import cli  # noqa: E402
 from lsa_dist.config import RunConfig, redacted_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
-from lsa_dist.lock import RunLock  # noqa: E402
+from lsa_dist.lock import RunLock, squeue_states  # noqa: E402
 from lsa_dist.redact import redact_output  # noqa: E402
+from lsa_dist.resume import take_lineage  # noqa: E402
 
 
 def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
@@ -293,10 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         locks = [RunLock(cfg.run_dir, "launch/slurm.py") for cfg in jobs]
         for lock in locks:
             lock.check_free()  # a run in use is refused as such, before its config is looked at
-        previous = [cli.preflight(cfg, world, dataset=dataset_visible(cfg), hardware=False) for cfg in jobs]
+        plans = [cli.preflight(cfg, world, dataset=dataset_visible(cfg), hardware=False) for cfg in jobs]
         locks = [lock.acquire() for lock in locks]
+        for cfg, plan in zip(jobs, plans):  # before the job can start: no requeue sees the lineage left
+            take_lineage(plan, cfg.run_dir)
     except cli.USER_ERRORS as err:
         return cli.fail(err)
+    previous = [plan.run_id for plan in plans]
     # jobs inherit this environment (sbatch --export=ALL): a copy of the code, and no distributed
     # variables of another launcher
     cleared = clear_inherited()
@@ -322,8 +326,7 @@ def wait_until_gone(job_id: str, poll_s: float = 2.0) -> None:
     PENDING after its requeue, which submitit's own watcher may take for the end."""
     misses = 0
     while misses < 3:  # three empty answers in a row: not a passing hiccup of the controller
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
-        misses = misses + 1 if out.returncode == 0 and not out.stdout.strip() else 0
+        misses = misses + 1 if squeue_states(job_id) == set() else 0
         time.sleep(poll_s)
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_compatible, check_resumable, checkpoint_to_resume, read_meta
-from .config import ConfigError, RunConfig, flatten, load_config, to_yaml
+from .checkpoint import CheckpointError
+from .config import ConfigError, RunConfig, load_config, to_yaml
 from .data import DatasetError, dataset_identity, load_dataset_info
 from .dist import check_precision
 from .fs import OWNER_ONLY, atomic_write_text
 from .redact import redact_text
+from .resume import ResumePlan, plan_resume
 from .tracking import prepare
 
 EXIT_OK = 0
@@ -55,32 +56,25 @@ def load(args: argparse.Namespace, *extra: str) -> RunConfig:
     return load_config(args.config, [*args.overrides, *extra])
 
 
-def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware: bool = True) -> str:
+def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware: bool = True) -> ResumePlan:
     """The checks made before any process starts or any job is queued: the dataset can give
     every one of `world_size` ranks a batch (`dataset`), this machine's device can train in
-    engine.precision (`hardware`: only where the workers run here), the checkpoint a resume
-    would read has readable metadata and the same mathematics (`check_compatible`; any
-    number of ranks may continue it), and train.resume would not mix a new lineage into the run's
-    checkpoints. Returns the MLflow run id to
-    continue ('' for a new run)."""
+    engine.precision (`hardware`: only where the workers run here), and the resume plan
+    (lsa_dist.resume: lineage, a readable checkpoint, the same mathematics; any number of
+    ranks may continue it). The launcher carries out the plan's lineage decision once it
+    holds the run's lock (`resume.take_lineage`)."""
     dataset = dataset and not cfg.train.synthetic
     if dataset:
         load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world_size, cfg.data.batch_size)
     if hardware:
         check_precision(cfg.engine.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    previous = check_resumable(cfg.run_dir, cfg.train.resume, cfg.train.overwrite)
-    folder = checkpoint_to_resume(cfg.run_dir, cfg.train.resume)
-    if folder is not None:
-        check_compatible(
-            folder, flatten(cfg), dataset_identity(cfg.data.root) if dataset else "", cfg.train.accept_changes
+    plan = plan_resume(cfg, world_size, dataset_identity(cfg.data.root) if dataset else "")
+    if plan.folder is not None and plan.saved_world_size != world_size:
+        print(
+            f"resuming {plan.folder} (written by {plan.saved_world_size} ranks) on {world_size} ranks: the epoch in "
+            "progress goes on with the samples it has not read, re-split over the new ranks"
         )
-        saved = read_meta(folder).get("world_size")
-        if saved != world_size:
-            print(
-                f"resuming {folder} (written by {saved} ranks) on {world_size} ranks: the epoch in progress goes on "
-                "with the samples it has not read, re-split over the new ranks"
-            )
-    return previous
+    return plan
 
 
 def prepare_run(cfg: RunConfig, previous_run_id: str, config_name: str) -> tuple[Path, str]:

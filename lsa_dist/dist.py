@@ -11,12 +11,16 @@ import datetime
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,31 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (or alone)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank0_acts(
+    action: Callable[[], T], device: torch.device, what: str, error: type[Exception] = RuntimeError
+) -> T | None:
+    """Rank 0 runs `action` while the others wait, and every rank learns whether it failed: rank 0
+    raises its own exception, the others `error` naming `what`. Returns rank 0's result (None
+    elsewhere). A collective."""
+    failure: Exception | None = None
+    result = None
+    if is_main():
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            failure = err
+    if any_rank(failure is not None, device):
+        if failure is not None:
+            raise failure
+        raise error(f"{what} failed on rank 0; see rank 0's output")
+    return result
 
 
 def shutdown(code: int = 0) -> None:

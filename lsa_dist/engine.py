@@ -6,10 +6,7 @@ torch.compile) and satisfy one contract, `Engine`, which the trainer and checkpo
 
 from __future__ import annotations
 
-import math
 import shutil
-import subprocess
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
-from .dist import any_rank, barrier, check_precision
+from .dist import barrier, check_precision
 from .models import LSA
+from .schedule import lr_lambda, peak_lr
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,36 +80,6 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's fp32 weights on rank 0 (collective under ZeRO-3), None elsewhere."""
         ...
-
-
-def peak_lr(cfg: RunConfig, world_size: int) -> float:
-    """optim.lr scaled linearly from a global batch of optim.lr_batch to the run's."""
-    global_batch = cfg.data.batch_size * world_size
-    return cfg.optim.lr * global_batch / cfg.optim.lr_batch if cfg.optim.lr_batch else cfg.optim.lr
-
-
-def lr_lambda(
-    cfg: RunConfig, steps_per_epoch: int, world_size: int, origin: tuple[int, float] = (0, 0.0)
-) -> Callable[[int], float]:
-    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine to min_lr.
-
-    The schedule is laid out in epochs; `origin` (step, epochs done at that step) places it
-    after a resume on another world size, where an epoch has another number of steps."""
-    peak = peak_lr(cfg, world_size)
-    total = max(1, cfg.optim.epochs * steps_per_epoch)
-    warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
-    start, floor = cfg.optim.warmup_lr / peak, cfg.optim.min_lr / peak
-    origin_step, origin_epochs = origin
-    shift = origin_epochs * steps_per_epoch - origin_step  # 0 for a run on one world size
-
-    def factor(step: int) -> float:
-        step = step + shift if shift else step
-        if step < warmup:
-            return start + (1 - start) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def param_groups(model: LSA, weight_decay: float) -> list[dict[str, Any]]:
@@ -238,6 +206,8 @@ class DeepSpeedEngine(_EngineBase):
         parameter and state, rank 0 writes it into folder/.universal) and loaded from there."""
         universal = self.cfg.engine.zero_stage >= 1 and saved_world_size != dist.get_world_size()
         if universal:
+            from .resume import to_universal
+
             folder = to_universal(Path(folder), tag, self.engine.device)
         config = self.engine._config  # read by load_checkpoint only
         config.load_universal_checkpoint = universal
@@ -286,39 +256,6 @@ class DeepSpeedEngine(_EngineBase):
             assert not missing, f"master weights without a state-dict entry: {sorted(missing)[:3]}"
             whole.update(master)
         return whole
-
-
-def to_universal(folder: Path, tag: str, device: torch.device) -> Path:
-    """Rank 0 converts folder/tag into DeepSpeed's universal checkpoint format (its own
-    converter, in a subprocess) under folder/.universal/tag; every rank waits. Returns the
-    folder that holds the converted tag. A collective."""
-    target = folder / ".universal"
-    failure = ""
-    if dist.get_rank() == 0:
-        shutil.rmtree(target, ignore_errors=True)
-        command = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(folder / tag),
-            "--output_folder",
-            str(target / tag),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",  # our checkpoints carry no Megatron-style universal info
-        ]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            failure = (
-                f"converting {folder / tag} for another world size failed: {lines[-1] if lines else proc.returncode}"
-            )
-    if any_rank(bool(failure), device):
-        raise RuntimeError(failure or f"converting {folder / tag} for another world size failed on rank 0")
-    return target
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class TrainJob:
         redact_output()  # submitit's log and what libraries print lose their credentials
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         print(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", flush=True)  # the submission's copy
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ["OMP_NUM_THREADS"] = str(cpus)
         torch.set_num_threads(cpus)
@@ -43,7 +43,7 @@ class TrainJob:
             # USR2 is SLURM's warning before preemption or the time limit: requeue. Anything
             # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
             if result.stop_signal in ("SIGUSR2", "by another rank"):
-                self._requeue(requeue, env.rank)
+                self._requeue(requeue)
                 D.shutdown(EXIT_STOPPED)  # leave no result: the requeued job is the continuation
             raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
         if dist.is_initialized():
@@ -51,7 +51,7 @@ class TrainJob:
         return dataclasses.asdict(result)
 
     @staticmethod
-    def _requeue(handler: Any, rank: int) -> None:
+    def _requeue(handler: Any) -> None:
         """Rank 0 requeues the job through submitit's handler (which pickles self.checkpoint()
         and runs `scontrol requeue`) while the other ranks wait for the outcome.
 
@@ -65,20 +65,16 @@ class TrainJob:
         from . import dist as D
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        failure: BaseException | None = None
-        if rank == 0:
+
+        def requeue() -> None:
+            if not callable(handler):
+                raise RuntimeError("submitit's USR2 handler is missing: the job cannot requeue itself")
             try:
-                if not callable(handler):
-                    raise RuntimeError("submitit's USR2 handler is missing: the job cannot requeue itself")
                 handler(signal.SIGUSR2, None)  # checkpoint, requeue, then sys.exit
             except SystemExit:
                 pass  # submitit's way of saying the job is requeued
-            except Exception as err:  # noqa: BLE001 - every rank must learn of it, then rank 0 raises it
-                failure = err
-        if D.any_rank(failure is not None, D.device_for(D.discover())):
-            if failure is not None:
-                raise failure
-            raise RuntimeError("rank 0 could not requeue the job after its checkpoint; see rank 0's log")
+
+        D.rank0_acts(requeue, D.device_for(D.discover()), "requeueing the job after its checkpoint")
 
     def checkpoint(self) -> Any:
         """submitit's hook on preemption/timeout: the resubmitted job resumes from the latest

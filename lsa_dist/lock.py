@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 OWNER_FILE = ".owner"
 WORKERS_FILE = ".owner.workers"  # share-locked by every worker of a launcher that owns the run
@@ -87,14 +87,20 @@ def slurm_job_id() -> str:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
 
 
-def job_in_queue(job_id: str) -> bool:
-    """Whether a SLURM job is still queued or running (False where squeue cannot tell)."""
+def squeue_states(job_id: str) -> set[str] | None:
+    """The states squeue gives for a job (empty: it has left the queue), or None where squeue
+    cannot tell (not installed, the controller unreachable, no answer in 30 s)."""
     try:
         cmd = ["squeue", "-h", "-j", str(job_id), "-o", "%T"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and bool(set(out.stdout.split()) & QUEUED_STATES)
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def job_in_queue(job_id: str) -> bool:
+    """Whether a SLURM job is still queued or running (False where squeue cannot tell)."""
+    return bool((squeue_states(job_id) or set()) & QUEUED_STATES)
 
 
 class RunLock:

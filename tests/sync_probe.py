@@ -60,7 +60,7 @@ def main() -> None:
             "reads": rows,
             "status": result.status,
             "step": result.step,
-            "steps_per_epoch": len(trainer.train_loader),
+            "steps_per_epoch": trainer.data.steps_per_epoch,
         }
         (out / "sync_counts.json").write_text(json.dumps(report))
     D.shutdown(0)

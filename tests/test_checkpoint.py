@@ -14,24 +14,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lsa_dist.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    TrainState,
-    check_compatible,
-    check_lineage,
-    check_resumable,
-    export_fp32,
-    init_model_from,
-    lineage_conflict,
-    read_meta,
-    save_model_file,
-    set_aside,
-)
-from lsa_dist.config import flatten, load_config
+from lsa_dist.checkpoint import CheckpointError, CheckpointManager, TrainState, read_meta
+from lsa_dist.config import flatten, load_config, to_yaml
 from lsa_dist.dist import free_port
 from lsa_dist.engine import Engine, build_engine
 from lsa_dist.models import create_model, resize_pos_table
+from lsa_dist.resume import (
+    check_compatible,
+    check_lineage,
+    lineage_conflict,
+    plan_resume,
+    set_aside,
+    take_lineage,
+)
+from lsa_dist.weights import export_fp32, init_model_from, save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.options.widths=[16,16]", "model.options.heads=[2,2]", "model.options.depths=[1,1]"]
@@ -114,24 +110,58 @@ def test_incomplete_and_staged_checkpoints_are_ignored_then_cleared(process_grou
     assert not (root / ".staging").exists()
 
 
-def test_checks_before_a_launch(process_group, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    assert check_resumable(run, "auto") == ""  # nothing to resume: a new run
-    manager = CheckpointManager(run / "checkpoints", keep_last=3, rank=0)
-    folder = manager.save(make_engine(0), TrainState(step=3, run_id="abc"), "")
-    assert check_resumable(run, "auto") == "abc"  # continues its MLflow run (on any number of ranks)
-    with pytest.raises(CheckpointError, match=r"train.resume=never: .* holds this run's checkpoints \(up to step 3\)"):
-        check_resumable(run, "never")  # refused before anything else is looked at
-    assert check_resumable(run, "never", overwrite=True) == ""
-    assert check_resumable(run, str(folder)) == ""  # an explicit checkpoint starts a new MLflow run
-    (folder / "meta.json").write_text("{not json")
-    with pytest.raises(CheckpointError) as err:
-        check_resumable(run, str(folder))
-    assert "meta.json is corrupt" in str(err.value) and "\n" not in str(err.value)
-    (folder / "meta.json").unlink()
+def launch_config(tmp_path: Path, resume: str = "auto", *more: str):  # noqa: ANN201 - RunConfig
+    overrides = [*TINY, f"train.output_dir={tmp_path}", "train.name=run", f"train.resume={resume}", *more]
+    return load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def test_the_resume_plan_before_a_launch(process_group, tmp_path: Path) -> None:
+    """plan_resume, as the launchers' pre-flight and every rank compute it: what is continued,
+    the lineage a launch leaves, and the fall-back over the run's own checkpoints whose
+    meta.json, config.yaml or RNG files cannot be read; a named checkpoint is never replaced."""
+    cfg = launch_config(tmp_path)
+    run = cfg.run_dir
+    assert plan_resume(cfg, 1).folder is None  # nothing to resume: a new run
+    manager = CheckpointManager(run / "checkpoints", keep_last=5, rank=0)
+    engine = make_engine(0)
+    folders = [manager.save(engine, TrainState(step=s, run_id="abc"), to_yaml(cfg)) for s in (1, 2, 3, 4, 5)]
+    plan = plan_resume(cfg, 2)  # continues its MLflow run, on any number of ranks
+    assert (plan.folder, plan.run_id, plan.saved_world_size) == (folders[4], "abc", 1)
+    assert plan.fallbacks == folders[3::-1] and plan.leave == [] and plan.passed_over == []
+    with pytest.raises(CheckpointError, match=r"train.resume=never: .* holds this run's checkpoints \(up to step 5\)"):
+        plan_resume(launch_config(tmp_path, "never"), 1)
+    assert plan_resume(launch_config(tmp_path, "never", "train.overwrite=true"), 1).leave == folders
+    named = plan_resume(launch_config(tmp_path, str(folders[2])), 1)  # a branch: a new MLflow run, no fall-back
+    assert (named.folder, named.run_id, named.leave, named.fallbacks) == (folders[2], "", folders[3:], [])
+
+    (folders[4] / "meta.json").write_text("{not json")
+    (folders[3] / "config.yaml").write_text("model: [unclosed")
+    (folders[2] / "config.yaml").unlink()
+    (folders[1] / "rng" / "rank0.pt").unlink()
+    plan = plan_resume(cfg, 1)
+    assert plan.folder == folders[0] and plan.fallbacks == []
+    reasons = [(folder, why.split(" (")[0]) for folder, why in plan.passed_over]
+    assert reasons == [
+        (folders[4], "meta.json is corrupt"),
+        (folders[3], "config.yaml is corrupt"),
+        (folders[2], "config.yaml is missing"),
+        (folders[1], "rng/rank0.pt is missing"),
+    ]
+    with pytest.raises(CheckpointError) as err:  # named by train.resume: its fault is the error
+        plan_resume(launch_config(tmp_path, str(folders[2])), 1)
+    assert str(err.value) == f"cannot load checkpoint {folders[2]}: config.yaml is missing"
+    said: list[str] = []
+    take_lineage(plan, run, said.append)  # what the lock holder does before any worker starts
+    assert manager.complete() == [folders[0]] and manager.latest() == folders[0]
+    assert len(said) == 4 and all(line.startswith("warning: cannot use checkpoint") for line in said)
+    why = next((run / "set_aside").glob("*/WHY.txt")).read_text()
+    assert "step-00000005: meta.json is corrupt" in why and "step-00000002: rng/rank0.pt is missing" in why
+    take_lineage(plan, run, said.append)  # a worker after its launcher: nothing left to move
+    assert len(said) == 4 and len(list((run / "set_aside").iterdir())) == 1
+    (folders[0] / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
-        read_meta(folder)
-    assert json.loads((run / "checkpoints" / "latest").read_text().join('""')) == "step-00000003"
+        read_meta(folders[0])
+    assert plan_resume(cfg, 1).folder is None  # none readable: a new run
 
 
 def test_a_rollback_starts_a_branch_and_an_overwrite_sets_everything_aside(process_group, tmp_path: Path) -> None:

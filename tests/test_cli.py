@@ -35,15 +35,15 @@ def test_fail_is_one_line_on_stderr_with_exit_code_2(capsys) -> None:
 def test_preflight_checks_dataset_hardware_and_checkpoint(demo_shards: Path, tmp_path: Path, monkeypatch) -> None:
     overrides = [f"data.root={demo_shards}", f"train.output_dir={tmp_path}", "data.batch_size=256"]
     cfg = cli.load(cli.config_parser("Doc.").parse_args(["--config", str(DEMO), *overrides]))
-    assert cli.preflight(cfg, world_size=2) == ""  # 1438 training images feed 2 x 256
+    assert cli.preflight(cfg, world_size=2).folder is None  # 1438 training images feed 2 x 256
     with pytest.raises(DatasetError, match="fewer than 8 ranks x batch 256 = 2048"):
         cli.preflight(cfg, world_size=8)
-    assert cli.preflight(cfg, world_size=8, dataset=False) == ""  # SLURM: the nodes see the data
+    assert cli.preflight(cfg, world_size=8, dataset=False).run_id == ""  # SLURM: the nodes see the data
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
     cfg.engine.precision = "fp16"
     with pytest.raises(ConfigError, match="^engine.precision: fp16 needs a GPU"):
         cli.preflight(cfg, world_size=2)
-    assert cli.preflight(cfg, world_size=2, hardware=False) == ""  # the job's nodes are not this machine
+    assert cli.preflight(cfg, world_size=2, hardware=False).folder is None  # the job's nodes are not this machine
 
 
 def test_prepare_run_writes_the_resolved_config(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import TINY, run_local
 
-from lsa_dist.checkpoint import load_model_file
+from lsa_dist.weights import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -18,9 +18,10 @@ import pytest
 import torch
 from helpers import PAPER_RECIPE, local_command, worker_of_rank
 
-from lsa_dist.checkpoint import CheckpointManager, export_fp32, load_model_file, save_model_file
+from lsa_dist.checkpoint import CheckpointManager
 from lsa_dist.dist import cpu_has_fp16, free_port
 from lsa_dist.models import count_parameters, create_model
+from lsa_dist.weights import export_fp32, load_model_file, save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -412,27 +413,37 @@ def test_a_closed_stdout_does_not_stop_the_run(demo_shards: Path, tmp_path: Path
 
 
 def test_a_bad_latest_checkpoint_falls_back_and_a_named_one_is_not_retried(demo_shards: Path, tmp_path: Path) -> None:
-    """The run's latest checkpoint cannot be loaded: the previous good one is used, with a
-    warning and an MLflow tag. A checkpoint the user named is not replaced by another: its
-    bad-input error (exit 2) ends the job at once, even with restarts left."""
+    """The run's latest checkpoints cannot be used: a corrupt meta.json, a corrupt or missing
+    config.yaml (passed over by the launcher before any worker starts) and a truncated engine file
+    (found by the worker): the newest good one is used, with a warning naming each part and an
+    MLflow tag, and the bad ones are set aside. A checkpoint the user named is not replaced by
+    another: its bad-input error (exit 2) ends the job at once, even with restarts left."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracked = ("tracking.enabled=true", f"tracking.uri={uri}", "checkpoint.every_steps=2")
-    assert_ok(run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=4", nproc=1))
+    tracked = ("tracking.enabled=true", f"tracking.uri={uri}", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    assert_ok(run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=10", nproc=1))
     root = tmp_path / "corrupt" / "checkpoints"
-    states = next((root / "step-00000004").glob("*model_states.pt"))
+    step = {n: root / f"step-{n:08d}" for n in (2, 4, 6, 8, 10)}
+    (step[10] / "meta.json").write_text('{"step": 10, ')
+    (step[8] / "config.yaml").write_text("model: [unclosed\n")
+    (step[6] / "config.yaml").unlink()
+    states = next(step[4].glob("*model_states.pt"))
     states.write_bytes(states.read_bytes()[:100])
-    proc = run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=6", nproc=1)
+    proc = run_local(tmp_path, "corrupt", demo_shards, *tracked, "train.max_steps=12", nproc=1)
     assert_ok(proc)
+    for n, part in ((10, "meta.json is corrupt"), (8, "config.yaml is corrupt"), (6, "config.yaml is missing")):
+        assert f"warning: cannot use checkpoint {step[n]}: {part}" in proc.stdout, proc.stdout[-3000:]
     assert (
         "warning: cannot load checkpoint" in proc.stdout
-        and f"falling back to the previous checkpoint {root / 'step-00000002'}" in proc.stdout
+        and f"falling back to the previous checkpoint {step[2]}" in proc.stdout
     )
     assert "resumed from" in proc.stdout and "step 2)" in proc.stdout
+    aside = sorted(p.name for p in (tmp_path / "corrupt" / "set_aside").glob("*/step-*"))
+    assert aside == [f"step-{n:08d}" for n in (4, 6, 8, 10)]
     from mlflow import MlflowClient
 
     (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).search_experiments()[0].experiment_id)
     assert run.data.tags["resume.fallback"] == "step-00000004 could not be loaded; resumed from step-00000002"
-    named = root / "step-00000006"
+    named = root / "step-00000012"
     states = next(named.glob("*model_states.pt"))
     states.write_bytes(states.read_bytes()[:100])
     cmd = local_command(tmp_path, "corrupt", demo_shards, "tracking.enabled=false", f"train.resume={named}", nproc=1)
@@ -440,6 +451,42 @@ def test_a_bad_latest_checkpoint_falls_back_and_a_named_one_is_not_retried(demo_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot load checkpoint" in proc.stdout + proc.stderr
     assert "restarting" not in proc.stderr and "failed (exit code 2)" in proc.stderr
+    (named / "config.yaml").unlink()  # a named checkpoint with an unreadable part: refused before any worker starts
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: cannot load checkpoint {named}: config.yaml is missing"
+
+
+def test_a_restart_during_start_up_keeps_the_lineage_the_launch_chose(demo_shards: Path, tmp_path: Path) -> None:
+    """train.resume=never with train.overwrite on a run with checkpoints, and the worker killed
+    while it is still starting (before it could decide anything): the launcher has already set
+    the old lineage aside, so the restarted worker starts the new run instead of resuming the
+    old checkpoints."""
+    name, run_dir = "lineage", tmp_path / "lineage"
+    quiet = ("tracking.enabled=false", "checkpoint.every_steps=2")
+    assert_ok(run_local(tmp_path, name, demo_shards, *quiet, "train.max_steps=4", nproc=1))
+    cmd = local_command(tmp_path, name, demo_shards, *quiet, "train.max_steps=2", "train.resume=never", nproc=1)
+    cmd += ["train.overwrite=true", "--max-restarts", "1"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:  # the state: the worker process exists and has written nothing to its log yet
+        try:
+            worker = worker_of_rank(run_dir, 0)
+            break
+        except AssertionError:
+            assert time.time() < deadline and launcher.poll() is None, "the worker never started"
+            time.sleep(0.05)
+    log = run_dir / "logs" / "rank0.log"
+    before = log.read_text() if log.exists() else ""
+    os.kill(worker, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "restarting the workers from the last checkpoint (1 of 1)" in err
+    attempt = log.read_text()[len(before) :]
+    assert "resumed from" not in attempt and "run lineage:" in attempt, attempt[-3000:]
+    aside = sorted(p.name for p in (run_dir / "set_aside").glob("*/step-*"))
+    assert aside == ["step-00000002", "step-00000004"]
+    assert [p.name for p in CheckpointManager(run_dir / "checkpoints", 3, 0).complete()] == ["step-00000002"]
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(demo_shards: Path, tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def compare(a: Path, b: Path) -> tuple[int, int]:
     """(identical tensors, all tensors) of two model.pt files."""
     import torch
 
-    from lsa_dist.checkpoint import load_model_file
+    from lsa_dist.weights import load_model_file
 
     sa, sb = load_model_file(a).state_dict(), load_model_file(b).state_dict()
     same = sum(1 for k in sa if k in sb and torch.equal(sa[k], sb[k]))

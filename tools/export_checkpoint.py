@@ -6,7 +6,7 @@ evaluate it, without DeepSpeed or a process group.
     python tools/export_checkpoint.py runs/demo/checkpoints/step-00000550 --out model.pt
     python tools/export_checkpoint.py runs/demo --eval-only      # top-1 / top-5 / loss on the val split
 
-The model file loads with lsa_dist.checkpoint.load_model_file(path) into a plain LSA model.
+The model file loads with lsa_dist.weights.load_model_file(path) into a plain LSA model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.checkpoint import CheckpointError, export_fp32, find_checkpoint, save_model_file  # noqa: E402
+from lsa_dist.checkpoint import CheckpointError  # noqa: E402
+from lsa_dist.weights import export_fp32, find_checkpoint, save_model_file  # noqa: E402
 from lsa_dist.config import RunConfig, load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
 from lsa_dist.metrics import evaluate  # noqa: E402

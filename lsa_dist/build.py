@@ -1,0 +1,141 @@
+"""The parts a Trainer is assembled from, built from the config: the data (loaders and their
+sizes), the model (engine, EMA, mixup, cost), the MLflow tracker, and the run's end products
+(model files, final metrics, a registered model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .checkpoint import TrainState
+from .config import ConfigError, RunConfig, model_overrides
+from .data import build_loader, load_dataset_info
+from .data.transforms import build_mixup
+from .dist import DistEnv
+from .engine import Engine, build_engine
+from .fs import atomic_write_text
+from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
+from .tracking import SPOOL_NAME, Tracker, run_id_for, system_info
+from .weights import init_model_from, save_model_file
+
+
+@dataclass
+class Data:
+    """The run's loaders and what the schedule and resume need of them."""
+
+    train_loader: Any
+    val_loader: Any
+    num_classes: int
+    train_samples: int  # of the training split
+    workers: int  # loader workers per rank (a rank's sample span is cut per worker)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+def build_data(cfg: RunConfig, env: DistEnv) -> Data:
+    """The training and validation loaders of this rank (train.synthetic: in-memory random
+    batches with ImageNet-1k's epoch, no dataset read)."""
+    if cfg.train.synthetic:
+        from .data.synthetic import IMAGENET_TRAIN, SyntheticLoader
+
+        num_classes = cfg.model.num_classes or 1000
+        train, val = (
+            SyntheticLoader(cfg.data, num_classes, env.rank, env.world_size, train, cfg.train.seed)
+            for train in (True, False)
+        )
+        return Data(train, val, num_classes, IMAGENET_TRAIN, 1)
+    info = load_dataset_info(cfg.data.root)
+    num_classes = cfg.model.num_classes or info.num_classes
+    if num_classes != info.num_classes:
+        raise ConfigError(f"model.num_classes: {num_classes} but {cfg.data.root} has {info.num_classes} classes")
+    train, val = (
+        build_loader(cfg.data, split, env.rank, env.world_size, is_train, cfg.train.seed, info)
+        for split, is_train in ((cfg.data.train_split, True), (cfg.data.val_split, False))
+    )
+    return Data(train, val, num_classes, info.split(cfg.data.train_split).num_samples, max(1, cfg.data.num_workers))
+
+
+@dataclass
+class Model:
+    """The engine around the plain model, its EMA (timm's, fp32), mixup, and the model's cost."""
+
+    engine: Engine
+    ema: Any
+    mixup: Any
+    config: dict[str, Any]  # LSAConfig's fields: what model files record
+    macs: int
+    num_params: int
+
+    def ema_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside the engine's own state."""
+        return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+
+def build_model(cfg: RunConfig, data: Data, env: DistEnv, device: torch.device, say: Callable[[str], None]) -> Model:
+    """The model (from model.init_from's weights if given), wrapped by the configured engine."""
+    model = create_model(
+        cfg.model.name, cfg.model.official_checkpoint or None, **model_overrides(cfg, data.num_classes)
+    )
+    if cfg.model.init_from:
+        notes = init_model_from(model, cfg.model.init_from)
+        say(f"initialised from {cfg.model.init_from}{''.join(f'; {n}' for n in notes)}")
+    config = dict(model.cfg.__dict__)
+    macs, num_params = count_macs(model), count_parameters(model)  # before ZeRO-3 partitions it
+    engine = build_engine(cfg, model, data.steps_per_epoch, env.world_size, device)
+    ema = None
+    if cfg.optim.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(engine.module, decay=cfg.optim.ema_decay)
+        ema.module.float()
+    mixup = build_mixup(cfg.data.augment, data.num_classes) if cfg.data.augment.recipe == "imagenet" else None
+    return Model(engine, ema, mixup, config, macs, num_params)
+
+
+def build_tracker(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str) -> Tracker:
+    """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags and config;
+    records the run id in `state` (a PENDING run is recorded once it exists)."""
+    spool = cfg.run_dir / SPOOL_NAME
+    if not env.is_main:
+        return Tracker(cfg, "", spool)
+    previous = state.run_id
+    tracker = Tracker(cfg, run_id_for(cfg, previous), spool, previous=previous)
+    state.run_id = tracker.run_id or previous
+    if tracker.enabled:
+        tracker.log_config(cfg)
+        tags = system_info(env.world_size, env.num_nodes, state.dataset_sha256)
+        tracker.set_tags({f"sys.{k}": v for k, v in tags.items()})
+        tracker.log_artifact(cfg.run_dir / "mlflow" / "config.yaml")
+        if fallback:
+            tracker.set_tags({"resume.fallback": fallback})
+    return tracker
+
+
+def export_run(cfg: RunConfig, model: Model, metrics: dict[str, float], tracker: Tracker, is_main: bool) -> None:
+    """model.pt (fp32), model_ema.pt, final_metrics.txt and, if asked, a registered model. A
+    collective under ZeRO-3 (the weights are gathered)."""
+    full = model.engine.full_state_dict()
+    if not (is_main and cfg.checkpoint.export_at_end and full is not None):
+        return
+    run_dir = cfg.run_dir
+    files = {"model.pt": full}
+    if model.ema is not None:
+        files["model_ema.pt"] = {k: v.detach().float().cpu() for k, v in model.ema.module.state_dict().items()}
+    for name, state_dict in files.items():
+        save_model_file(run_dir / name, model.config, state_dict)
+        tracker.log_artifact(run_dir / name)
+    final = run_dir / "final_metrics.txt"
+    atomic_write_text(final, "".join(f"{k} {v}\n" for k, v in sorted(metrics.items())))
+    tracker.log_artifact(final)
+    if cfg.tracking.register_model:
+        network = LSA(LSAConfig(**model.config))
+        network.load_state_dict(full)
+        tracker.log_model(network, "model", cfg.tracking.register_model)
+
+
+__all__ = ["Data", "Model", "build_data", "build_model", "build_tracker", "export_run"]

@@ -1,0 +1,224 @@
+"""The resume plan: which checkpoint a launch or a restart continues, decided once from the
+run folder (lineage, fall-back over unreadable checkpoints, compatibility), and the lineage
+decision the lock holder carries out before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import META, CheckpointError, CheckpointManager, read_meta
+from ..config import RunConfig, flatten, flatten_tree, is_math_key
+from ..fs import atomic_write_bytes, atomic_write_text, fsync_dir
+from ..redact import first_line
+
+
+@dataclass
+class ResumePlan:
+    """What a launch (or a restart) of a run resumes, decided once from the run folder."""
+
+    folder: Path | None = None  # the checkpoint to load; None: a new run
+    fallbacks: list[Path] = field(default_factory=list)  # older good checkpoints, newest first
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)  # unreadable ones, and why
+    leave: list[Path] = field(default_factory=list)  # checkpoints the new lineage or branch leaves
+    accepted: list[str] = field(default_factory=list)  # changed keys train.accept_changes accepts
+    run_id: str = ""  # the MLflow run it continues ('' for a new one)
+    saved_world_size: int = 0
+    resume: str = "auto"  # train.resume as given
+
+    @property
+    def moves(self) -> list[Path]:
+        """What the lock holder moves aside: the left lineage and the unreadable checkpoints."""
+        return [*self.leave, *(folder for folder, _ in self.passed_over)]
+
+
+def checkpoints_of(run_dir: Path) -> CheckpointManager:
+    return CheckpointManager(Path(run_dir) / "checkpoints", 1, 0)
+
+
+def plan_resume(cfg: RunConfig, world_size: int, dataset_sha256: str = "", restarted: bool = False) -> ResumePlan:
+    """The plan for a launch of `cfg` on `world_size` ranks (or, `restarted`, for workers started
+    again after a failure or a requeue). CheckpointError (one line, exit 2) if the launch would mix
+    lineages, change the run's mathematics, or names a checkpoint that cannot be read."""
+    run_dir, resume = cfg.run_dir, cfg.train.resume
+    plan = ResumePlan(resume=resume)
+    own = restarted or resume == "auto"
+    if restarted:
+        requested = checkpoints_of(run_dir).latest() or checkpoint_to_resume(run_dir, resume)
+    else:
+        plan.leave = check_lineage(run_dir, resume, cfg.train.overwrite)
+        requested = checkpoint_to_resume(run_dir, resume)
+    if requested is None:
+        return plan
+    candidates = [requested]
+    if own and requested.parent == checkpoints_of(run_dir).root:
+        older = [c for c in checkpoints_of(run_dir).complete() if c.name < requested.name]
+        candidates += reversed(older)
+    for candidate in candidates:
+        fault = unreadable_part(candidate)
+        if not fault:
+            break
+        if not own:
+            raise CheckpointError(f"cannot load checkpoint {candidate}: {fault}")
+        plan.passed_over.append((candidate, fault))
+    else:
+        return plan  # nothing readable left: a new run, after the warnings
+    plan.folder = candidate
+    plan.fallbacks = candidates[candidates.index(candidate) + 1 :]
+    meta = read_meta(candidate)
+    plan.saved_world_size = int(meta.get("world_size", 1))
+    plan.accepted = check_compatible(candidate, flatten(cfg), dataset_sha256, cfg.train.accept_changes)
+    plan.run_id = meta.get("run_id", "") if own else ""
+    return plan
+
+
+def unreadable_part(folder: Path) -> str:
+    """'' if the checkpoint's meta.json, config.yaml and RNG files can be read; else which part
+    cannot and why. (Engine files are vetted and read when they are loaded.)"""
+    import yaml
+
+    try:
+        meta = json.loads((folder / META).read_text())
+    except FileNotFoundError:
+        return f"{META} is missing"
+    except (OSError, ValueError) as err:
+        return f"{META} is corrupt ({first_line(err)})"
+    if not isinstance(meta, dict):
+        return f"{META} holds no record"
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return "config.yaml is missing"
+    try:
+        if not isinstance(yaml.safe_load(config.read_text()), dict):
+            return "config.yaml holds no config"
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return f"config.yaml is corrupt ({first_line(err)})"
+    for rank in range(int(meta.get("world_size", 1))):
+        if not (folder / "rng" / f"rank{rank}.pt").is_file():
+            return f"rng/rank{rank}.pt is missing"
+    return ""
+
+
+def take_lineage(plan: ResumePlan, run_dir: Path, say: Callable[[str], None] = print) -> None:
+    """Carried out by the process that holds the run's lock, before any worker starts: the
+    checkpoints the plan leaves or passes over go into RUN/set_aside/<time>/ (with WHY.txt)."""
+    present = [folder for folder in plan.moves if folder.is_dir()]
+    if not present:
+        return
+    instead = plan.folder or "a new run (no earlier checkpoint is readable)"
+    for folder, fault in plan.passed_over:
+        if folder in present:
+            say(f"warning: cannot use checkpoint {folder}: {fault}; falling back to {instead}")
+    why = {folder: fault for folder, fault in plan.passed_over}
+    moved = set_aside(run_dir, present, {f.name: why.get(f, "left by a new lineage or branch") for f in present})
+    if plan.leave:
+        say(f"train.resume={plan.resume}: {len(plan.leave)} earlier checkpoint(s) moved to {moved}")
+
+
+def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a launch with `train.resume` would continue from: the run's latest (auto),
+    the folder named, or None (never, or a new run)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoints_of(run_dir).latest()
+    return Path(resume)
+
+
+def lineage_conflict(run_dir: Path, resume: str) -> tuple[list[Path], bool]:
+    """The run folder's checkpoints that a launch with `resume` would neither continue from nor
+    may keep beside its own, and whether setting them aside needs train.overwrite.
+
+    auto continues the latest: nothing. A checkpoint of this run (a rollback) starts a new
+    branch: the later checkpoints go aside by themselves. never, or another run's checkpoint,
+    would start a new lineage in a folder that holds one: all of them, and only when asked to."""
+    existing = checkpoints_of(run_dir).complete()
+    if resume == "auto" or not existing:
+        return [], False
+    if resume != "never":
+        target = Path(resume).resolve()
+        if target.parent == existing[0].parent.resolve():
+            return [p for p in existing if p.name > target.name], False
+    return existing, True
+
+
+def check_lineage(run_dir: Path, resume: str, overwrite: bool) -> list[Path]:
+    """The checkpoints a launch with `resume` leaves; CheckpointError if that needs
+    train.overwrite and it is not given."""
+    conflict, needs_overwrite = lineage_conflict(run_dir, resume)
+    if conflict and needs_overwrite and not overwrite:
+        try:
+            newest = read_meta(conflict[-1]).get("step", "?")
+        except CheckpointError:
+            newest = "?"
+        raise CheckpointError(
+            f"train.resume={resume}: {Path(run_dir) / 'checkpoints'} holds this run's checkpoints (up to step "
+            f"{newest}); continue them with train.resume=auto, start another run with train.name=<new>, or "
+            "add train.overwrite=true to move them aside (into set_aside/ in the run folder)"
+        )
+    return conflict
+
+
+def set_aside(run_dir: Path, folders: list[Path], why: dict[str, str] | None = None) -> Path:
+    """Move checkpoint folders into run_dir/set_aside/<time>/ (nothing is deleted), with WHY.txt
+    naming the reason for each, and point `latest` at the newest checkpoint left (or remove it)."""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    target = Path(run_dir) / "set_aside" / stamp
+    while target.exists():  # two in one second
+        n += 1
+        target = target.with_name(f"{stamp}.{n}")
+    target.mkdir(parents=True)
+    for folder in folders:
+        folder.rename(target / folder.name)
+    if why:
+        atomic_write_text(target / "WHY.txt", "".join(f"{name}: {reason}\n" for name, reason in sorted(why.items())))
+    manager = checkpoints_of(run_dir)
+    left = manager.complete()
+    pointer = manager.root / "latest"
+    if left:
+        atomic_write_bytes(pointer, left[-1].name.encode())
+    else:
+        pointer.unlink(missing_ok=True)
+    fsync_dir(target)
+    fsync_dir(manager.root)
+    return target
+
+
+def config_changes(folder: Path, new: dict[str, Any], dataset_sha256: str) -> dict[str, tuple[Any, Any]]:
+    """What a resume from `folder` would change of the run's mathematics: the keys the schema
+    marks as such whose value differs between the checkpoint's config and `new` (a flat config),
+    and "dataset" when the dataset.json checksum differs (data.root itself may move)."""
+    import yaml
+
+    fault = unreadable_part(folder)
+    if fault.startswith("config.yaml"):
+        raise CheckpointError(f"cannot load checkpoint {folder}: {fault}")
+    old = flatten_tree(yaml.safe_load((Path(folder) / "config.yaml").read_text()))
+    keys = sorted(k for k in set(old) | set(new) if is_math_key(k))
+    changes = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    saved_sha = read_meta(folder).get("dataset_sha256", "")
+    if saved_sha and dataset_sha256 and saved_sha != dataset_sha256:
+        changes["dataset"] = (saved_sha[:12], dataset_sha256[:12])
+    return changes
+
+
+def check_compatible(folder: Path, new: dict[str, Any], dataset_sha256: str, accepted: list[str]) -> list[str]:
+    """CheckpointError naming the changed keys unless train.accept_changes lists each of them
+    (a key, or its section: "optim"). Returns the accepted changed keys."""
+    changes = config_changes(folder, new, dataset_sha256)
+
+    def ok(key: str) -> bool:
+        return any(key == a or key.startswith(a.rstrip(".") + ".") for a in accepted)
+
+    refused = [k for k in changes if not ok(k)]
+    if refused:
+        shown = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise CheckpointError(
+            f"resuming {folder} would change the run: {shown}; start another run (train.name=<new>), or accept "
+            f"with train.accept_changes=[{','.join(refused)}]"
+        )
+    return list(changes)
