@@ -7,7 +7,6 @@ torch.compile) and satisfy one contract, `Engine`, which the trainer and checkpo
 from __future__ import annotations
 
 import shutil
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
 from .dist import barrier, check_precision
 from .models import LSA
+from .parallelize import apply_to_model
 from .schedule import lr_lambda, peak_lr
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,36 +87,6 @@ def param_groups(model: LSA, weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for n, p in model.named_parameters() if n not in skip]
     no_decay = [p for n, p in model.named_parameters() if n in skip]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def checkpointed_blocks(model: LSA, policy: str, every_k: int) -> list[str]:
-    """Names of the blocks whose activations are recomputed in backward."""
-    names = [name for name, _ in model.blocks()]
-    if policy == "none":
-        return []
-    if policy == "all":
-        return names
-    return names[::every_k]
-
-
-def apply_activation_checkpointing(model: LSA, policy: str, every_k: int) -> list[str]:
-    """Recompute the chosen blocks' activations in backward (non-reentrant torch checkpoint).
-
-    The blocks' forward is patched in place, so parameter names (and checkpoints) do not
-    change; the model itself knows nothing of it.
-    """
-    chosen = set(checkpointed_blocks(model, policy, every_k))
-    for name, block in model.blocks():
-        if name in chosen:
-            inner = block.forward
-
-            def forward(self: nn.Module, *args: torch.Tensor, _inner=inner) -> torch.Tensor:  # noqa: ANN001
-                if not torch.is_grad_enabled():
-                    return _inner(*args)
-                return checkpoint(_inner, *args, use_reentrant=False)
-
-            block.forward = types.MethodType(forward, block)
-    return sorted(chosen)
 
 
 class _EngineBase:
@@ -378,22 +347,10 @@ class FairscaleEngine(_EngineBase):
 
 
 def build_engine(cfg: RunConfig, model: LSA, steps_per_epoch: int, world_size: int, device: torch.device) -> Engine:
-    """Activation checkpointing first (it patches the plain model's blocks), then torch.compile
-    (in place: parameter names, and so checkpoints, are unchanged), then the chosen backend."""
+    """The plain model prepared from outside (lsa_dist.parallelize: activation checkpointing,
+    torch.compile), then wrapped by the chosen backend."""
     check_precision(cfg.engine.precision, device.type)
-    policy, every_k = cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
-    if cfg.engine.backend == "fairscale":
-        if policy != "none":
-            from fairscale.nn.checkpoint import checkpoint_wrapper
-
-            chosen = set(checkpointed_blocks(model, policy, every_k))
-            for name, block in model.blocks():
-                if name in chosen:
-                    checkpoint_wrapper(block)  # patches forward in place; names unchanged
-    else:
-        apply_activation_checkpointing(model, policy, every_k)
-    if cfg.engine.compile:
-        model.compile()
+    apply_to_model(cfg, model)
     if cfg.engine.backend == "fairscale":
         return FairscaleEngine(cfg, model, steps_per_epoch, world_size, device)
     return DeepSpeedEngine(cfg, model.to(device), steps_per_epoch, world_size)

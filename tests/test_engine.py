@@ -11,8 +11,9 @@ import torch
 
 from lsa_dist.config import ConfigError, load_config
 from lsa_dist.dist import check_precision
-from lsa_dist.engine import checkpointed_blocks, deepspeed_config, param_groups
+from lsa_dist.engine import deepspeed_config, param_groups
 from lsa_dist.models import create_model
+from lsa_dist.parallelize import checkpointed_blocks
 from lsa_dist.schedule import lr_lambda, peak_lr
 
 ROOT = Path(__file__).resolve().parents[1]

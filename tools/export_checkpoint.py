@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsa_dist import cli  # noqa: E402
 from lsa_dist.checkpoint import CheckpointError  # noqa: E402
-from lsa_dist.weights import export_fp32, find_checkpoint, save_model_file  # noqa: E402
 from lsa_dist.config import RunConfig, load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
 from lsa_dist.metrics import evaluate  # noqa: E402
 from lsa_dist.models import LSA, model_config  # noqa: E402
+from lsa_dist.weights import export_fp32, find_checkpoint, save_model_file  # noqa: E402
 
 
 def evaluate_model(model: LSA, cfg: RunConfig, device: torch.device) -> dict[str, float]:

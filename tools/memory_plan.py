@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lsa_dist.engine import apply_activation_checkpointing  # noqa: E402
 from lsa_dist.models import count_parameters, create_model  # noqa: E402
+from lsa_dist.parallelize import apply_activation_checkpointing  # noqa: E402
 
 GB = 2**30
 
