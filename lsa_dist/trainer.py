@@ -46,7 +46,7 @@ from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker, slurm_job_i
 from .metrics import evaluate, mfu, peak_flops
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
 from .sinks import Console, MetricsFile, Sinks, metrics_line
-from .tracking import SPOOL_NAME, Tracker, run_id_for, system_info
+from .tracking import RECORD_NAME, Tracker, run_id_for, system_info
 
 # USR2: SLURM's warning (submitit); HUP: the terminal or session went away
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -384,11 +384,11 @@ class Trainer:
     def _tracker(self) -> Tracker:
         """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags, config."""
         cfg = self.cfg
-        spool = self.run_dir / SPOOL_NAME
+        record = self.run_dir / RECORD_NAME
         if not self.env.is_main:
-            return Tracker(cfg, "", spool)
+            return Tracker(cfg, "", record)
         previous = self.state.run_id
-        tracker = Tracker(cfg, run_id_for(cfg, previous), spool, previous=previous)
+        tracker = Tracker(cfg, run_id_for(cfg, previous), record, previous=previous)
         self.state.run_id = tracker.run_id or previous  # a PENDING run is recorded once it exists
         if tracker.enabled:
             tracker.log_config(cfg)
