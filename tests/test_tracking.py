@@ -21,7 +21,7 @@ from PIL import Image
 from lsa_dist.config import RunConfig
 from lsa_dist.redact import REDACTED, redact_params, redact_text
 from lsa_dist.sinks import Console, MetricsFile, Sinks
-from lsa_dist.tracking import MARK_NAME, PENDING, Tracker, prepare
+from lsa_dist.tracking import MARK_NAME, PENDING, Tracker, append_record, prepare, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -489,6 +489,24 @@ def test_metrics_reach_mlflow_once_from_metrics_jsonl_after_an_outage_and_in_a_l
     assert delivered(second) == [1, 2] and history(second) == [1, 2] and history(first) == list(range(1, 9))
     rows = [json.loads(line) for line in record.read_text().splitlines()]
     assert [r["step"] for r in rows] == [*range(1, 10), 1, 2]  # the file has everything, in order
+
+
+def test_the_record_is_read_by_whole_lines_in_pieces(tmp_path: Path) -> None:
+    """The catch-up's reader: a line torn by a crash (then appended to) is passed over, a line
+    still being written is left for later, a piece ends after about `limit` bytes."""
+    record = tmp_path / "metrics.jsonl"
+    first = append_record(record, {"train/loss": 2.0}, 1)
+    with record.open("a") as f:
+        f.write('{"step": 2, "ti')  # a crash mid-line; the next process appends after it
+    append_record(record, {"train/loss": 1.5}, 3)
+    last = append_record(record, {"train/loss": 1.0, "val/top1": 50.0}, 4)
+    with record.open("a") as f:
+        f.write('{"step": 5, "time"')
+    rows, offset = read_record(record, 0)
+    assert [(k, v, s) for k, v, _, s in rows] == [("train/loss", 2.0, 1), ("train/loss", 1.0, 4), ("val/top1", 50.0, 4)]
+    assert offset == last.end < record.stat().st_size and rows[0][2] == int(first.time * 1000)
+    assert read_record(record, 0, limit=1) == (rows[:1], first.end)
+    assert read_record(record, last.end) == ([], last.end)
 
 
 @pytest.mark.slow
