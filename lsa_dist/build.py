@@ -18,7 +18,7 @@ from .dist import DistEnv
 from .engine import Engine, build_engine
 from .fs import atomic_write_text
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
-from .tracking import SPOOL_NAME, Tracker, run_id_for, system_info
+from .tracking import RECORD_NAME, Tracker, run_id_for, system_info
 from .weights import init_model_from, save_model_file
 
 
@@ -100,11 +100,11 @@ def build_model(cfg: RunConfig, data: Data, env: DistEnv, device: torch.device, 
 def build_tracker(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str) -> Tracker:
     """The MLflow run on rank 0 (the launcher's, or prepared here), with params, tags and config;
     records the run id in `state` (a PENDING run is recorded once it exists)."""
-    spool = cfg.run_dir / SPOOL_NAME
+    record = cfg.run_dir / RECORD_NAME  # metrics.jsonl: what MLflow catches up from after an outage
     if not env.is_main:
-        return Tracker(cfg, "", spool)
+        return Tracker(cfg, "", record)
     previous = state.run_id
-    tracker = Tracker(cfg, run_id_for(cfg, previous), spool, previous=previous)
+    tracker = Tracker(cfg, run_id_for(cfg, previous), record, previous=previous)
     state.run_id = tracker.run_id or previous
     if tracker.enabled:
         tracker.log_config(cfg)

@@ -3,19 +3,18 @@
 `Sinks.log(metrics, step)` is the one call the trainer makes; each sink takes what it shows:
 the file and MLflow keep everything, the console prints epoch summaries and, every
 `train.log_every` steps, a progress line (or, on a terminal, a progress bar's postfix).
+The file is written first: MLflow catches up from it after an outage (lsa_dist.tracking).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .tracking import Tracker
+from .tracking import Recorded, Tracker, append_record
 
 PROGRESS = "progress/"  # the keys of a progress window (see Console.progress_line)
 SUMMARY_KEYS = ("train/epoch_loss", "val/loss", "val/top1", "val/top5", "val_ema/top1")
@@ -93,15 +92,15 @@ class Console:
 
 
 class MetricsFile:
-    """RUN/metrics.jsonl on rank 0: every logged metric, readable without MLflow."""
+    """RUN/metrics.jsonl on rank 0: every logged metric, readable without MLflow, and the
+    record MLflow is sent from."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
-    def write(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+    def write(self, metrics: dict[str, float], step: int) -> Recorded | None:
+        """One line {"step", "time", **metrics}; where it went (None on other ranks)."""
+        return append_record(self.path, metrics, step) if self.enabled else None
 
 
 class Sinks:
@@ -111,6 +110,7 @@ class Sinks:
         self.file, self.tracker, self.console = metrics_file, tracker, console
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.file.write(metrics, step)
-        self.tracker.log_metrics(metrics, step)
+        # the line is in the file before MLflow is given it: the mark never passes an unwritten line
+        at = self.file.write(metrics, step)
+        self.tracker.log_metrics(metrics, step, at)
         self.console.show(metrics, step)

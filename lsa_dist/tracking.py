@@ -5,12 +5,23 @@
 - `prepare()` runs once before any worker starts (launchers call it): it creates the
   database and experiment (several processes creating a fresh sqlite schema at once crash)
   and decides the run: the one recorded in the run's latest checkpoint, or a new one.
-- Metrics are queued and sent in batches from a background thread; if the server cannot be
-  reached, a warning is printed once, metrics are appended to RUN/mlflow_pending.jsonl (at
-  most SPOOL_MAX_BYTES) and replayed once when it comes back. Tracking never stops training.
+- RUN/metrics.jsonl (written by rank 0's sinks.MetricsFile, one line per log call, see
+  `append_record`) is the one record of a run's metrics; MLflow catches up from it.
+  RUN/metrics.mlflow.json (`MARK_NAME`, written atomically) marks how far into it MLflow has
+  received, and for which run id: the metrics of a line are on disk (fsynced) before the mark
+  passes them.
+- While the server answers, metrics are queued and sent in batches every flush_every_s from a
+  background thread, and the mark follows. If it cannot be reached, a warning is printed once
+  per outage and the queue is dropped (its lines are in the record); when it answers again,
+  the lines after the mark are sent once, in order. A later process of the same run (a resume,
+  a requeue, a restart) sends what an earlier one left unsent the same way; a new run in the
+  same folder sends nothing of the run the mark names. A metric's MLflow timestamp is its
+  line's time, so a batch sent twice (cut by a failure) is the same values again. Tracking
+  never stops training.
 - A server that is down at launch costs one bounded attempt (no retries, a 10 s timeout): the
   run id is then PENDING, rank 0 trains at once and creates (or continues) the run when the
-  server answers, sending the params, tags and artifacts it held back and the spooled metrics.
+  server answers, sending the params, tags and artifacts it held back (in the order they were
+  made), then the metrics from the record.
 - Runs end FINISHED, KILLED (stopped on request) or FAILED (crashed: by rank 0 on its way
   out, or by the local launcher when rank 0 died).
 - Params are the flattened resolved config and the config artifact its YAML, both with secrets
@@ -29,16 +40,86 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import RunConfig, flatten
+from .fs import atomic_write_json
 from .redact import first_line, redact_params, redact_text
 
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
 PENDING = "pending"  # the run is created by rank 0 once the server answers
-SPOOL_NAME = "mlflow_pending.jsonl"
-SPOOL_MAX_BYTES = 64 << 20  # metrics kept through an outage: about a million values
+RECORD_NAME = "metrics.jsonl"
+MARK_NAME = "metrics.mlflow.json"  # beside the record: {"run_id": ..., "offset": bytes MLflow has}
+METRICS_PER_BATCH = 1000  # MLflow's limits on one log_batch call
+PARAMS_PER_BATCH = 100
+CATCH_UP_BYTES = 4 << 20  # the record is sent from the mark in pieces of about this size
+
+
+class Recorded(NamedTuple):
+    """Where one log call's metrics are in the record: the line's time and the byte offset
+    just after the line."""
+
+    time: float
+    end: int
+
+
+Row = tuple[str, float, int, int]  # one metric: key, value, timestamp (ms), step
+
+
+def append_record(path: Path, metrics: dict[str, float], step: int) -> Recorded:
+    """Append one line {"step", "time", **metrics} to the record: the one format its writers
+    (rank 0's MetricsFile, a Tracker used on its own) share with the catch-up that reads it."""
+    when = time.time()
+    line = json.dumps({"step": step, "time": when, **metrics}) + "\n"
+    with Path(path).open("ab") as f:  # one writer per run folder (the run lock), so tell() is the end
+        f.write(line.encode())
+        return Recorded(when, f.tell())
+
+
+def _rows(metrics: dict[str, Any], step: int, when: float) -> list[Row]:
+    stamp = int(when * 1000)
+    return [(key, float(value), stamp, step) for key, value in metrics.items()]
+
+
+def read_record(path: Path, start: int, limit: int = CATCH_UP_BYTES) -> tuple[list[Row], int]:
+    """The metrics of the complete lines after byte `start` (about `limit` bytes of them) and
+    the offset just after the last line read. A line still being written is left for later;
+    one that is not a record line (torn by a crash, then appended to) is passed over."""
+    rows: list[Row] = []
+    offset = start
+    try:
+        f = Path(path).open("rb")
+    except FileNotFoundError:
+        return rows, offset
+    with f:
+        f.seek(start)
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            try:
+                row = json.loads(line)
+                step, when = int(row.pop("step")), float(row.pop("time"))
+                rows += _rows({k: v for k, v in row.items() if isinstance(v, (int, float))}, step, when)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                pass
+            if offset - start >= limit:
+                break
+    return rows, offset
+
+
+def send_batches(client: Any, run_id: str, metrics: Sequence[Row] = (), params: Sequence[Any] = ()) -> None:
+    """Log `params` (mlflow Params) then `metrics` to the run in order, in log_batch calls
+    within MLflow's limits: the only place a batch is built. Raises what the client raises."""
+    from mlflow.entities import Metric
+
+    for i in range(0, len(params), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=list(params[i : i + PARAMS_PER_BATCH]))
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        chunk = [Metric(k, v, t, s) for k, v, t, s in metrics[i : i + METRICS_PER_BATCH]]
+        client.log_batch(run_id, metrics=chunk)
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -53,7 +134,7 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 def _client(uri: str):  # noqa: ANN202 - mlflow.MlflowClient
     # an unreachable server must cost seconds, not MLflow's default minutes of retries
-    # (a failed send is spooled and sent later, so retrying it here only delays training)
+    # (what a failed send held is sent again from metrics.jsonl, so retrying here only delays training)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # MLflow prints "View run ... at: <tracking URI>" when a run ends: the URI may hold a password
@@ -87,7 +168,7 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
     except Exception as err:  # noqa: BLE001
         print(
             f"warning: MLflow at {redact_text(uri)} is unreachable ({first_line(err)}); training starts now and "
-            f"the run is created when the server answers (metrics wait in {cfg.run_dir / SPOOL_NAME})",
+            f"the run is created when the server answers (metrics are sent then from {cfg.run_dir / RECORD_NAME})",
             file=sys.stderr,
         )
         return PENDING
@@ -118,7 +199,7 @@ def end_run(cfg: RunConfig, run_id: str, status: str) -> None:
         client = _client(tracking_uri(cfg))
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status=status)
-    except Exception:  # noqa: BLE001, S110 - best effort: the run's metrics are already there or spooled
+    except Exception:  # noqa: BLE001, S110 - best effort: the run's metrics are there or in metrics.jsonl
         pass
 
 
@@ -168,11 +249,12 @@ class Tracker:
 
     With run_id PENDING (the server was down at launch) the run is opened by the background
     thread once the server answers: `previous` (the checkpoint's run) is continued, else a new
-    run is created; the calls made meanwhile are then replayed in order.
+    run is created; the calls made meanwhile are then replayed in order. `record` is the run's
+    metrics.jsonl; its mark (MARK_NAME, beside it) says how far MLflow has it.
     """
 
     def __init__(
-        self, cfg: RunConfig, run_id: str, spool: Path, flush_every_s: float = 5.0, previous: str = ""
+        self, cfg: RunConfig, run_id: str, record: Path, flush_every_s: float = 5.0, previous: str = ""
     ) -> None:
         self.cfg = cfg
         self.enabled = bool(run_id)
@@ -180,16 +262,25 @@ class Tracker:
         self.previous = previous
         self.uri = tracking_uri(cfg)
         self.shown_uri = redact_text(self.uri)  # for messages: without credentials
-        self.spool = spool
+        self.record = Path(record)
+        self.mark = self.record.with_name(MARK_NAME)
         self.warned = run_id == PENDING  # the launcher (or prepare here) has said so already
-        self.dropped = 0  # metrics that did not fit in the spool
         self.held: list[Any] = []  # calls made before the run exists
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # run_id and held: the training thread's and the sender's
+        self.flushing = threading.Lock()  # one flush at a time (the thread's, finish's)
         self.queue: queue.Queue = queue.Queue()
+        self.sent = 0  # the record's bytes that the run has (the mark's offset)
+        self.behind = False  # lines after `sent` that the queue does not hold: send from the record
         self.flush_every_s = flush_every_s
         self.closed = threading.Event()
         self.thread = None
         if self.enabled:
+            # the record's lines before this process's own: an earlier process's, sent only to its run
+            self.start = self.record.stat().st_size if self.record.is_file() else 0
+            if self.run_id:
+                self._claim()
+            elif self._read_mark() is None:  # they go to the run this process opens (or continues)
+                self._write_mark(self.previous, self.start)
             self.client = _client(self.uri)
             self.thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
             self.thread.start()
@@ -204,9 +295,7 @@ class Tracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+        send_batches(self.client, self.run_id, params=[Param(k, v) for k, v in params.items() if k not in existing])
 
     def log_config(self, cfg: RunConfig) -> None:
         self.log_params(flatten(cfg))
@@ -216,12 +305,15 @@ class Tracker:
             for key, value in tags.items():
                 self._call(lambda k=key, v=value: self.client.set_tag(self.run_id, k, v))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queued; sent in batches by the background thread."""
-        if self.enabled:
-            stamp = int(time.time() * 1000)
-            for key, value in metrics.items():
-                self.queue.put((key, float(value), stamp, step))
+    def log_metrics(self, metrics: dict[str, float], step: int, at: Recorded | None = None) -> None:
+        """Queued; sent in batches by the background thread. `at` is where rank 0's MetricsFile
+        wrote these metrics in the record; without it they are appended to the record here, so
+        that nothing reaches MLflow that the record does not hold first."""
+        if not self.enabled:
+            return
+        if at is None:
+            at = append_record(self.record, metrics, step)
+        self.queue.put((at.end, _rows(metrics, step, at.time)))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
@@ -248,6 +340,7 @@ class Tracker:
         self._call(log)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Send what is left (queued, or in the record after the mark) and end the run with `status`."""
         if not self.enabled:
             return
         self.closed.set()
@@ -256,7 +349,7 @@ class Tracker:
         self._flush()
         if not self.run_id:
             print(
-                f"warning: MLflow at {self.shown_uri} never answered: the run's metrics are kept in {self.spool}; "
+                f"warning: MLflow at {self.shown_uri} never answered: the run's metrics are kept in {self.record}; "
                 "run the same command again when it is back to send them",
                 file=sys.stderr,
             )
@@ -284,7 +377,7 @@ class Tracker:
             self.warned = True
             print(
                 f"warning: MLflow at {self.shown_uri} is unreachable ({first_line(err)}); metrics are kept in "
-                f"{self.spool} and sent when it is back. Training continues.",
+                f"{self.record} and sent from there when it is back. Training continues.",
                 file=sys.stderr,
             )
 
@@ -293,33 +386,45 @@ class Tracker:
             self._flush()
 
     def _flush(self) -> None:
-        """Send what was queued. While MLflow is unreachable it is appended to the spool (never
-        rewritten, at most SPOOL_MAX_BYTES); the first send that works replays the spool once."""
-        from mlflow.entities import Metric
-
-        pending = []
-        while True:
+        """Send what was queued, or, after an outage or an earlier process's unsent lines, the
+        record from the mark; then move the mark. A failure leaves the mark where it was."""
+        with self.flushing:
+            queued = []
+            while True:
+                try:
+                    queued.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._opened():
+                self.behind = True  # the queue is dropped: its lines are in the record
+                return
+            if not (queued or self.behind):
+                return
             try:
-                pending.append(self.queue.get_nowait())
-            except queue.Empty:
+                if self.warned:  # in an outage: one probe, not the backlog
+                    self.client.get_run(self.run_id)
+                if self.behind:
+                    self._catch_up()
+                else:
+                    send_batches(self.client, self.run_id, [r for end, rows in queued if end > self.sent for r in rows])
+                    self._move_mark(max(end for end, _ in queued))
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                self.behind = True
+                self._warn(err)
+                return
+            self.warned = False
+            self._send_held()
+
+    def _catch_up(self) -> None:
+        """The record's complete lines after the mark, in order, piece by piece (the mark
+        follows each, so a failure midway costs at most one piece sent again)."""
+        while True:
+            rows, offset = read_record(self.record, self.sent)
+            if offset == self.sent:
                 break
-        if not self._opened():
-            self._spool(pending)
-            return
-        if not pending and not (self.spool.is_file() and not self.warned):
-            return
-        try:
-            if self.warned and self.spool.is_file():  # in an outage: one probe, not the whole spool
-                self.client.get_run(self.run_id)
-            for i in range(0, len(pending), 1000):
-                chunk = [Metric(k, v, t, s) for k, v, t, s in pending[i : i + 1000]]
-                self.client.log_batch(self.run_id, metrics=chunk)
-        except Exception as err:  # noqa: BLE001
-            self._warn(err)
-            self._spool(pending)
-            return
-        self._send_held()
-        self._replay()
+            send_batches(self.client, self.run_id, rows)
+            self._move_mark(offset)
+        self.behind = False  # what is queued now lies before the mark or comes after it
 
     def _opened(self) -> bool:
         """Whether the run exists; if it is PENDING, one bounded attempt to open it now and, when
@@ -334,6 +439,7 @@ class Tracker:
             self.run_id = run_id
         self.warned = False
         print(f"MLflow at {self.shown_uri} is back: run {run_id}", file=sys.stderr)
+        self._claim()
         self._send_held()
         return True
 
@@ -353,36 +459,45 @@ class Tracker:
             with self.lock:
                 self.held.pop(0)
 
-    def _spool(self, pending: list[tuple]) -> None:
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        size = self.spool.stat().st_size if self.spool.is_file() else 0
-        lines = "".join(json.dumps(list(p)) + "\n" for p in pending)
-        if size + len(lines) > SPOOL_MAX_BYTES:
-            self.dropped += len(pending)
-            if self.dropped == len(pending):
+    # -- the mark -----------------------------------------------------------------------------
+    def _claim(self) -> None:
+        """Where this run's metrics start in the record, now that its id is known: at the mark
+        if the mark is this run's (or a run that did not exist yet), else at this process's
+        first line, so that nothing of another run is sent to this one."""
+        mark = self._read_mark()
+        size = self.record.stat().st_size if self.record.is_file() else 0
+        if mark is not None and mark[0] in ("", self.run_id) and mark[1] <= size:
+            offset = mark[1]
+        else:
+            offset = self.start
+            if mark is not None and mark[1] < self.start:
                 print(
-                    f"warning: {self.spool} is full ({SPOOL_MAX_BYTES >> 20} MiB); newer metrics are dropped "
-                    "until MLflow is back",
+                    f"note: {self.record} holds metrics of MLflow run {mark[0]} that never reached it; "
+                    f"they are not sent to run {self.run_id}",
                     file=sys.stderr,
                 )
-            return
-        with self.spool.open("a") as f:
-            f.write(lines)
+        self.sent = offset
+        self._write_mark(self.run_id, offset)
+        self.behind = size > offset
 
-    def _replay(self) -> None:
-        """Send the spool (metrics of an outage, or of an earlier process of the run) once, then remove it."""
-        from mlflow.entities import Metric
-
-        if not self.spool.is_file():
-            self.warned = False
-            return
-        rows = [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line.strip()]
+    def _read_mark(self) -> tuple[str, int] | None:
         try:
-            for i in range(0, len(rows), 1000):
-                chunk = [Metric(k, v, t, s) for k, v, t, s in rows[i : i + 1000]]
-                self.client.log_batch(self.run_id, metrics=chunk)
-        except Exception as err:  # noqa: BLE001 - still down: the spool stays as it is
-            self._warn(err)
-            return
-        self.spool.unlink(missing_ok=True)
-        self.warned, self.dropped = False, 0
+            mark = json.loads(self.mark.read_text())
+            return str(mark["run_id"]), int(mark["offset"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None  # none yet (or unreadable): no line before this process's own is sent
+
+    def _write_mark(self, run_id: str, offset: int) -> None:
+        if self.record.is_file():  # the lines the mark passes are on disk before it says so
+            fd = os.open(self.record, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.mark.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.mark, {"run_id": run_id, "offset": offset})
+
+    def _move_mark(self, offset: int) -> None:
+        if offset > self.sent:
+            self.sent = offset
+            self._write_mark(self.run_id, offset)

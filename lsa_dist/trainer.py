@@ -31,6 +31,7 @@ from .resume import Here, plan_resume, restore, take_lineage
 from .sinks import Console, MetricsFile, Sinks, metrics_line
 from .stop import StopController
 from .telemetry import Position, StepOutput, Telemetry
+from .tracking import RECORD_NAME
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Trainer:
         self.span = self._span()
         console.total_steps = self.span.max_steps
         tracker = build_tracker(cfg, self.env, self.state, fallback)
-        self.sinks = Sinks(MetricsFile(cfg.run_dir / "metrics.jsonl", self.env.is_main), tracker, console)
+        self.sinks = Sinks(MetricsFile(cfg.run_dir / RECORD_NAME, self.env.is_main), tracker, console)
         dtype = PRECISIONS[cfg.engine.precision]
         flops = cfg.engine.peak_tflops * 1e12 or peak_flops(self.device, dtype)
         self.telemetry = Telemetry(

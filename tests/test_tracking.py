@@ -20,7 +20,8 @@ from PIL import Image
 
 from lsa_dist.config import RunConfig
 from lsa_dist.redact import REDACTED, redact_params, redact_text
-from lsa_dist.tracking import PENDING, Tracker, prepare
+from lsa_dist.sinks import Console, MetricsFile, Sinks
+from lsa_dist.tracking import MARK_NAME, PENDING, Tracker, append_record, prepare, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,12 +115,13 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:  # noqa: ANN00
 def test_a_server_down_at_launch_and_mid_run_loses_nothing(demo_shards: Path, tmp_path: Path) -> None:
     """A real `mlflow server`, down at launch: training starts at once (one attempt, no retries)
     and the run is created when the server comes up, with the params, tags, artifacts and metrics
-    held back; the server then dies mid-run (one warning, metrics spooled) and comes back (the
-    spool sent once); the checkpoint records the run and a relaunch continues it."""
+    held back; the server then dies mid-run (one warning, the mark stands still in metrics.jsonl)
+    and comes back (the lines after the mark sent once); the checkpoint records the run and a
+    relaunch continues it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     run_dir = tmp_path / "late"
-    metrics, spool = run_dir / "metrics.jsonl", run_dir / "mlflow_pending.jsonl"
+    metrics = run_dir / "metrics.jsonl"
     epochs = "optim.epochs=60"
     cmd = local_command(tmp_path, "late", demo_shards, f"tracking.uri={url}", epochs)
     training = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -127,18 +129,24 @@ def test_a_server_down_at_launch_and_mid_run_loses_nothing(demo_shards: Path, tm
     try:
         wait_for(lambda: metrics.exists() and metrics.read_text().count('"train/loss"') >= 3, "no training", 300)
         server = start_mlflow_server(tmp_path, port)
+        logged_while_down = metrics.stat().st_size
 
-        def delivered() -> bool:  # the run, its config artifact and the spooled metrics are there
+        def delivered() -> bool:  # the run, its config artifact and the metrics logged before it existed
             found = client(url).get_experiment_by_name("lsa_demo") and runs_named(url, "late")
             artifacts = {a.path for a in client(url).list_artifacts(found[0].info.run_id)} if found else set()
-            return "config.yaml" in artifacts and not spool.exists()
+            return "config.yaml" in artifacts and sent_to(run_dir, found[0].info.run_id) >= logged_while_down
 
         wait_for(delivered, "the run was never created")
         os.killpg(server.pid, signal.SIGKILL)  # down mid-run
         server.wait()
-        wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) >= 3, "nothing spooled")
+        rank0 = run_dir / "logs" / "rank0.log"
+        wait_for(lambda: "is unreachable" in rank0.read_text(), "the outage went unnoticed")
+        stalled = sent_to(run_dir)
+        wait_for(lambda: metrics.read_bytes()[stalled:].count(b'"train/loss"') >= 3, "no training in the outage")
+        assert sent_to(run_dir) == stalled  # nothing is marked sent while the server is down
         server = start_mlflow_server(tmp_path, port)  # back, with its database
-        wait_for(lambda: not spool.exists(), "the spool was not sent")
+        logged_while_down = metrics.stat().st_size
+        wait_for(lambda: sent_to(run_dir) >= logged_while_down, "the outage's metrics were not sent")
         training.send_signal(signal.SIGINT)  # a stop: checkpoint, exit 3
         out, err = training.communicate(timeout=300)
         assert training.returncode == 3, err[-3000:]
@@ -167,6 +175,15 @@ def test_a_server_down_at_launch_and_mid_run_loses_nothing(demo_shards: Path, tm
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def sent_to(run_dir: Path, run_id: str = "") -> int:
+    """How many bytes of run_dir/metrics.jsonl the mark says MLflow has (for `run_id`, if given)."""
+    try:
+        mark = json.loads((run_dir / MARK_NAME).read_text())
+    except (OSError, ValueError):
+        return -1
+    return mark["offset"] if mark["run_id"] == (run_id or mark["run_id"]) else -1
 
 
 def test_secrets_are_redacted_from_text_and_params() -> None:
@@ -304,12 +321,13 @@ def test_unreachable_backend_never_stops_training(tmp_path: Path, capsys: pytest
     try:
         assert prepare(cfg) == PENDING
         assert "unreachable" in capsys.readouterr().err
-        tracker = Tracker(cfg, "0" * 32, tmp_path / "pending.jsonl", flush_every_s=0.1)
+        tracker = Tracker(cfg, "0" * 32, tmp_path / "metrics.jsonl", flush_every_s=0.1)
         tracker.log_metrics({"train/loss": 1.0}, step=1)
         tracker.finish()
     finally:
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-    assert (tmp_path / "pending.jsonl").read_text().count("train/loss") == 1
+    assert (tmp_path / "metrics.jsonl").read_text().count("train/loss") == 1  # kept, to be sent later
+    assert json.loads((tmp_path / MARK_NAME).read_text()) == {"run_id": "0" * 32, "offset": 0}
     del mlflow
 
 
@@ -376,40 +394,119 @@ def test_compare_runs_errors(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "error: no experiment 'nope'" in proc.stderr
 
 
-def test_the_spool_is_appended_bounded_and_replayed_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    """An outage (nothing listens), then the backend back (a real sqlite store): metrics of the
-    outage are appended to the spool, never rewritten, up to its bound, and sent exactly once."""
-    import lsa_dist.tracking as tracking
+class Server:
+    """An MLflow client that fails as an unreachable server does while `down`, and keeps the
+    (run, key, step) of every metric it delivers."""
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    def __init__(self, real: object) -> None:
+        self.real, self.down, self.delivered = real, False, []
+
+    def __getattr__(self, name: str):
+        method = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            if self.down:
+                raise ConnectionError("Connection refused")
+            if name == "log_batch":
+                self.delivered += [(args[0], m.key, m.step) for m in kwargs.get("metrics") or ()]
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_metrics_reach_mlflow_once_from_metrics_jsonl_after_an_outage_and_in_a_later_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Rank 0's sinks write metrics.jsonl and feed the Tracker (flushed by hand here): metrics
+    logged during an outage are sent once from the file when the server is back; a later
+    process of the same run sends what the earlier one left unsent, once; a PENDING process
+    opens the run and sends its lines; a new run in the same folder gets nothing of the old."""
     cfg = RunConfig()
-    cfg.tracking.uri = "http://127.0.0.1:9"
-    spool = tmp_path / "pending.jsonl"
-    tracker = Tracker(cfg, "0" * 32, spool, flush_every_s=3600)  # flushed by hand below
-    for step in (1, 2, 3):
-        tracker.log_metrics({"train/loss": float(step)}, step)
-        tracker._flush()
-        if step == 1:
-            first, inode = spool.read_text(), spool.stat().st_ino
-    assert spool.read_text().startswith(first) and spool.stat().st_ino == inode  # appended in place
-    assert len(spool.read_text().splitlines()) == 3
-    monkeypatch.setattr(tracking, "SPOOL_MAX_BYTES", spool.stat().st_size + 10)
-    tracker.log_metrics({"train/loss": 4.0}, 4)
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = tmp_path / "run" / "metrics.jsonl"
+    record.parent.mkdir()
+    server = Server(None)
+
+    def process(run_id: str, previous: str = "") -> tuple[Tracker, Sinks]:
+        tracker = Tracker(cfg, run_id, record, flush_every_s=3600, previous=previous)
+        server.real, tracker.client = tracker.client, server
+        return tracker, Sinks(MetricsFile(record, True), tracker, Console(False, 1, 1))
+
+    def log(sinks: Sinks, *steps: int) -> None:
+        for step in steps:
+            sinks.log({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
+
+    def history(run_id: str) -> list[int]:
+        return sorted(m.step for m in client(cfg.tracking.uri).get_metric_history(run_id, "train/loss"))
+
+    def delivered(run_id: str) -> list[int]:
+        return [step for run, key, step in server.delivered if run == run_id and key == "train/loss"]
+
+    first = prepare(cfg)
+    tracker, sinks = process(first)
+    log(sinks, 1, 2)
     tracker._flush()
-    assert len(spool.read_text().splitlines()) == 3 and "is full" in capsys.readouterr().err
-    # the backend is back: the same tracker delivers to a reachable store
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    store = client(uri)
-    run = store.create_run(store.create_experiment("outage", artifact_location=(tmp_path / "a").as_uri()))
-    tracker.client, tracker.run_id = store, run.info.run_id
-    tracker.log_metrics({"train/loss": 5.0}, 5)
+    server.down = True
+    log(sinks, 3, 4)
     tracker._flush()
-    tracker.log_metrics({"train/loss": 6.0}, 6)
+    log(sinks, 5)
+    tracker._flush()  # still down: the mark stays, no second warning
+    assert record.read_text().count("train/loss") == 5 and sent_to(record.parent, first) < record.stat().st_size
+    server.down = False
+    log(sinks, 6)
+    tracker._flush()
+    assert delivered(first) == [1, 2, 3, 4, 5, 6] and sent_to(record.parent, first) == record.stat().st_size
+    log(sinks, 7)
+    server.down = True
+    tracker.finish("KILLED")  # down at the end: step 7 is only in the file
+    assert delivered(first) == [1, 2, 3, 4, 5, 6]
+    assert capsys.readouterr().err.count("is unreachable") == 2  # once per outage
+
+    server.down = False
+    tracker, sinks = process(first)  # a later process of the same run (a resume, a requeue)
+    log(sinks, 8)
     tracker.finish()
-    history = store.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 5, 6] and not spool.exists()
+    assert delivered(first) == [1, 2, 3, 4, 5, 6, 7, 8] and history(first) == list(range(1, 9))
+    assert json.loads((record.parent / MARK_NAME).read_text()) == {"run_id": first, "offset": record.stat().st_size}
+    assert client(cfg.tracking.uri).get_run(first).info.status == "FINISHED"
+
+    server.down = True
+    tracker, sinks = process(first)
+    log(sinks, 9)
+    tracker.finish("KILLED")  # step 9 of the first run is left unsent
+    server.down = False
+    second = prepare(cfg)  # a new run in the same folder
+    tracker, sinks = process(second)
+    log(sinks, 1)
+    tracker.finish()
+    assert delivered(second) == [1] and delivered(first) == list(range(1, 9))
+    assert f"metrics of MLflow run {first} that never reached it" in capsys.readouterr().err
+
+    tracker, sinks = process(PENDING, previous=second)  # the server was down at launch
+    log(sinks, 2)
+    tracker.finish()
+    assert f"is back: run {second}" in capsys.readouterr().err
+    assert delivered(second) == [1, 2] and history(second) == [1, 2] and history(first) == list(range(1, 9))
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [*range(1, 10), 1, 2]  # the file has everything, in order
+
+
+def test_the_record_is_read_by_whole_lines_in_pieces(tmp_path: Path) -> None:
+    """The catch-up's reader: a line torn by a crash (then appended to) is passed over, a line
+    still being written is left for later, a piece ends after about `limit` bytes."""
+    record = tmp_path / "metrics.jsonl"
+    first = append_record(record, {"train/loss": 2.0}, 1)
+    with record.open("a") as f:
+        f.write('{"step": 2, "ti')  # a crash mid-line; the next process appends after it
+    append_record(record, {"train/loss": 1.5}, 3)
+    last = append_record(record, {"train/loss": 1.0, "val/top1": 50.0}, 4)
+    with record.open("a") as f:
+        f.write('{"step": 5, "time"')
+    rows, offset = read_record(record, 0)
+    assert [(k, v, s) for k, v, _, s in rows] == [("train/loss", 2.0, 1), ("train/loss", 1.0, 4), ("val/top1", 50.0, 4)]
+    assert offset == last.end < record.stat().st_size and rows[0][2] == int(first.time * 1000)
+    assert read_record(record, 0, limit=1) == (rows[:1], first.end)
+    assert read_record(record, last.end) == ([], last.end)
 
 
 @pytest.mark.slow
