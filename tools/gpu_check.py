@@ -16,7 +16,7 @@ stopping the others:
 
 On a machine without a GPU it runs the CPU subset (small sizes) and says what it skipped.
 Only PyTorch and timm are needed beforehand; the rest (deepspeed, webdataset, omegaconf,
-submitit, mlflow, fairscale, simplejpeg, ffcv: see README) may come as wheels:
+submitit, mlflow, fairscale, simplejpeg, ffcv: see docs/benchmarks.md) may come as wheels:
 
     pip install --no-index --find-links wheels/ deepspeed webdataset omegaconf submitit ...
     python tools/gpu_check.py --out gpu_check.json [--budget-s 420]
