@@ -98,7 +98,10 @@ class Trainer:
             return None
         job = slurm_job_id()
         what = "a SLURM job's rank 0" if job else "python -m lsa_dist.train"
-        take = lambda: RunLock(self.cfg.run_dir, what).acquire(own_job=job)  # noqa: E731
+
+        def take() -> RunLock:
+            return RunLock(self.cfg.run_dir, what).acquire(own_job=job)
+
         return D.rank0_acts(take, self.device, f"taking {self.cfg.run_dir}'s lock", RunInUseError)
 
     def _write_configs(self) -> None:
