@@ -14,7 +14,6 @@ and FFCV reads it in that order; a restart at (epoch, batch) starts the list at 
 from __future__ import annotations
 
 import queue
-import tarfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..config import DataConfig
 from ..fs import sha256_file
 from .dataset import DatasetError, DatasetInfo
 from .plan import PAD_LABEL, Layout, batches_per_rank, epoch_rng, rank_span, remaining_sequence
+from .tar_index import TarMember, read_member, tar_samples
 from .transforms import ModelInput, decode_pil, normalization
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -53,29 +53,20 @@ class _ShardImages:
     """Random access to the images of tar shards: (RGB uint8 array, label) by index."""
 
     def __init__(self, shards: Sequence[Path]) -> None:
-        self.entries: list[tuple[Path, int, int, int]] = []  # (shard, offset, size, label)
+        self.entries: list[tuple[Path, TarMember, int]] = []  # (shard, its image member, label)
         for shard in shards:
-            pending: dict[str, dict[str, Any]] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    entry = pending.setdefault(key, {})
-                    if ext == "jpg":
-                        entry["jpg"] = (member.offset_data, member.size)
-                    elif ext == "cls":
-                        entry["cls"] = int(tar.extractfile(member).read())
-                    if "jpg" in entry and "cls" in entry:
-                        self.entries.append((shard, *entry["jpg"], entry["cls"]))
-                        del pending[key]
+            with shard.open("rb") as f:
+                for sample in tar_samples(shard):
+                    if "jpg" in sample.fields and "cls" in sample.fields:
+                        self.entries.append((shard, sample.fields["jpg"], int(sample.read(f, "cls"))))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        shard, offset, size, label = self.entries[index]
+        shard, image, label = self.entries[index]
         with shard.open("rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+            data = read_member(f, image)
         return np.asarray(decode_pil(data)), label
 
 

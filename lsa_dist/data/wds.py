@@ -15,7 +15,6 @@ import itertools
 import os
 import random
 import shlex
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from .plan import (
     remaining_sequence,
     worker_spans,
 )
+from .tar_index import tar_samples
 from .transforms import ModelInput, normalization, sample_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -211,24 +211,20 @@ class WebDatasetLoader:
 
 
 def _from_sample(path: str, index: int) -> tuple[int, Iterator[dict[str, Any]]]:
-    """(the index reached, the samples of a local tar from there): the headers up to sample
-    `index` are read (seeking over their data) to find where its first member starts."""
+    """(the index reached, the samples of a local tar from there): the tar is indexed up to
+    sample `index` (headers only) to find where its first member starts."""
+    reached, offset = 0, 0
+    samples = tar_samples(path)
+    for sample in samples:
+        if reached == index:
+            offset = sample.offset
+            break
+        reached, offset = reached + 1, sample.end
+    samples.close()
     f = open(path, "rb")  # noqa: SIM115 - handed to the sample stream, which reads it to the end
-    keys, offset = 0, 0
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        previous = None
-        while (member := tar.next()) is not None:
-            key = member.name.split(".", 1)[0]
-            if key != previous:
-                if keys == index:
-                    offset = member.offset
-                    break
-                keys, previous = keys + 1, key
-        else:
-            offset = tar.offset
     f.seek(offset)
     stream = webdataset.tariterators.tar_file_expander([{"url": path, "stream": f}])
-    return keys, webdataset.tariterators.group_by_keys(stream)
+    return reached, webdataset.tariterators.group_by_keys(stream)
 
 
 def _worker_init(_: int) -> None:
@@ -300,11 +296,11 @@ class _EpochStream(IterableDataset):
 
 
 def read_labels(urls: list[str]) -> list[tuple[str, int]]:
-    """(key, label) of every sample in the shards, in order (tests and tools)."""
+    """(key, label) of every sample in the local shard files, in order (tests and tools)."""
     out = []
     for url in urls:
-        for sample in webdataset.tariterators.tarfile_samples([{"url": url}]):
-            out.append((sample["__key__"], int(sample["cls"])))
+        with open(url, "rb") as f:
+            out.extend((sample.key, int(sample.read(f, "cls"))) for sample in tar_samples(url))
     return out
 
 
