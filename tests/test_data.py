@@ -142,7 +142,7 @@ def test_the_demo_writer_replaces_only_its_own_folders(tmp_path: Path) -> None:
 
 
 def test_stored_size_keeps_what_evaluation_and_full_scale_crops_need() -> None:
-    from lsa_dist.data.convert import stored_size
+    from lsa_dist.data.images import stored_size
 
     assert stored_size(500, 375, 500, 256) is None  # a typical ImageNet photo is kept as it is
     assert stored_size(1000, 750, 500, 256) == (500, 375)

@@ -14,7 +14,6 @@ and FFCV reads it in that order; a restart at (epoch, batch) starts the list at 
 from __future__ import annotations
 
 import queue
-import tarfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,8 +26,10 @@ from torchvision.transforms import v2
 from ..config import DataConfig
 from ..fs import sha256_file
 from .dataset import DatasetError, DatasetInfo
-from .plan import PAD_LABEL, Layout, batches_per_rank, epoch_rng, rank_span, remaining_sequence
-from .transforms import ModelInput, decode_pil, normalization
+from .loader import EpochLoader
+from .plan import PAD_LABEL, Layout, epoch_rng, rank_span
+from .tar_index import TarMember, read_member, tar_samples
+from .transforms import decode_pil, normalization
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # compiled ffcv Loaders of this process, by what their pipeline is: its numba compilation takes
@@ -53,29 +54,20 @@ class _ShardImages:
     """Random access to the images of tar shards: (RGB uint8 array, label) by index."""
 
     def __init__(self, shards: Sequence[Path]) -> None:
-        self.entries: list[tuple[Path, int, int, int]] = []  # (shard, offset, size, label)
+        self.entries: list[tuple[Path, TarMember, int]] = []  # (shard, its image member, label)
         for shard in shards:
-            pending: dict[str, dict[str, Any]] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    entry = pending.setdefault(key, {})
-                    if ext == "jpg":
-                        entry["jpg"] = (member.offset_data, member.size)
-                    elif ext == "cls":
-                        entry["cls"] = int(tar.extractfile(member).read())
-                    if "jpg" in entry and "cls" in entry:
-                        self.entries.append((shard, *entry["jpg"], entry["cls"]))
-                        del pending[key]
+            with shard.open("rb") as f:
+                for sample in tar_samples(shard):
+                    if "jpg" in sample.fields and "cls" in sample.fields:
+                        self.entries.append((shard, sample.fields["jpg"], int(sample.read(f, "cls"))))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        shard, offset, size, label = self.entries[index]
+        shard, image, label = self.entries[index]
         with shard.open("rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+            data = read_member(f, image)
         return np.asarray(decode_pil(data)), label
 
 
@@ -100,7 +92,7 @@ def write_beton(shards: Sequence[Path], target: Path, quality: int, workers: int
     return {"num_samples": len(images), "bytes": target.stat().st_size, "sha256": sha256_file(target)}
 
 
-class FfcvLoader:
+class FfcvLoader(EpochLoader):
     """Batches of one split for one rank, read by ffcv.loader.Loader."""
 
     def __init__(
@@ -108,15 +100,10 @@ class FfcvLoader:
     ) -> None:
         require_ffcv()
         self.path = info.beton_path(split)
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        mean, std = normalization(cfg, info.mean, info.std)
+        super().__init__(cfg, info.split(split).num_samples, mean, std, rank, world_size, train, seed)
         info.check_size(split, world_size, self.batch_size)
         info.check_files(split, "ffcv")
-        self.num_samples = info.split(split).num_samples
-        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
-        self.cfg = cfg
-        self.num_batches = batches_per_rank(self.num_samples, world_size, self.batch_size, train)
-        self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
-        self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
         # batches arrive on the training device (the trainer has chosen it before the loaders)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -128,9 +115,6 @@ class FfcvLoader:
             magnitude = int(spec.split("-m")[1].split("-")[0]) if "-m" in spec else 9
             self.rand_augment = SeededRandAugment(num_ops=2, magnitude=magnitude)
 
-    def __len__(self) -> int:
-        return self.num_batches
-
     def indices(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
         """This rank's sample indices for `epoch` (after `layouts`: of the samples they left), in
         reading order."""
@@ -138,30 +122,6 @@ class FfcvLoader:
         sequence = self.sequence(epoch, layouts)
         start, end = rank_span(len(sequence), self.world_size, self.rank, self.batch_size, self.train)
         return order[sequence[start:end]]
-
-    def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
-        """Positions of the epoch's sample order still to be read after `layouts` (the last answer
-        is kept: the trainer asks for an epoch's length and its batches)."""
-        key = (epoch, tuple(layouts) if self.train else ())
-        if self._sequence is None or self._sequence[0] != key:
-            self._sequence = (key, remaining_sequence(self.num_samples, key[1], self._consumed))
-        return self._sequence[1]
-
-    def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
-        """The rank's batches of `epoch` under this layout, after `layouts`."""
-        if not (layouts and self.train):
-            return self.num_batches
-        return batches_per_rank(len(self.sequence(epoch, layouts)), self.world_size, self.batch_size, True)
-
-    def _consumed(self, sequence: np.ndarray, _k: int, layout: Layout, rank: int) -> np.ndarray:
-        # FFCV reads a rank's list in order, whatever its number of workers
-        batch = layout.batch_size or self.batch_size
-        start, _ = rank_span(len(sequence), layout.world_size, rank, batch, True)
-        return sequence[start : start + layout.batches * batch]
-
-    def image_size(self, epoch: int) -> int:
-        """The epoch's image size: data.progressive's when training, image_size when evaluating."""
-        return self.cfg.train_size(epoch) if self.train else self.cfg.image_size
 
     def _pipelines(self, size: int) -> dict[str, list]:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
@@ -232,9 +192,7 @@ class FfcvLoader:
         The samples and their order are deterministic; FFCV's crop and flip randomness is not.
         With `return_keys`, each batch also carries its samples' indices in the file (-1: padding).
         """
-        num_batches = self.batches_left(epoch, layouts)
-        if not 0 <= start_batch <= num_batches:
-            raise ValueError(f"start_batch {start_batch} outside 0..{num_batches}")
+        num_batches = self._batches_from(epoch, start_batch, layouts)
         indices = self.indices(epoch, layouts)[start_batch * self.batch_size : num_batches * self.batch_size]
         produced = start_batch
         if len(indices):

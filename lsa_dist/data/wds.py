@@ -10,12 +10,10 @@ each worker's span up to where it stopped without decoding what it skips.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 import random
 import shlex
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig
 from ..rng import seeded
 from .dataset import DatasetError, DatasetInfo
+from .loader import EpochLoader
 from .plan import (
     PAD_LABEL,
     Layout,
@@ -35,10 +34,10 @@ from .plan import (
     epoch_rng,
     layout_seed,
     rank_span,
-    remaining_sequence,
     worker_spans,
 )
-from .transforms import ModelInput, normalization, sample_transform
+from .tar_index import tar_samples
+from .transforms import normalization, sample_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,32 +53,25 @@ def shard_urls(info: DatasetInfo, split: str, template: str) -> list[str]:
     return [template.replace("{shard}", quote(s.name)) for s in info.split(split).shards]
 
 
-class WebDatasetLoader:
+class WebDatasetLoader(EpochLoader):
     """Batches of one split for one rank; `epoch(e, start_batch)` iterates an epoch."""
 
     def __init__(
         self, info: DatasetInfo, split: str, cfg: DataConfig, rank: int, world_size: int, train: bool, seed: int
     ) -> None:
         self.split_info = info.split(split)
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        mean, std = normalization(cfg, info.mean, info.std)
+        super().__init__(cfg, self.split_info.num_samples, mean, std, rank, world_size, train, seed)
         info.check_size(split, world_size, self.batch_size)
         if not cfg.urls:  # remote shards are checked as they are read
             info.check_files(split, "wds", checksums=cfg.check_checksums)
         self.urls = shard_urls(info, split, cfg.urls)
         self.counts = [s.num_samples for s in self.split_info.shards]
-        self.rank, self.world_size, self.train, self.seed = rank, world_size, train, seed
         self.num_workers = cfg.num_workers
         self.shuffle_buffer = cfg.shuffle_buffer
-        self.cfg = cfg
         self._transforms: dict[int, Callable] = {}
         self._stream: _EpochStream | None = None  # with its DataLoader: built once, workers kept
         self._dataloader: DataLoader | None = None
-        self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
-        self.to_model_input = ModelInput(*normalization(cfg, info.mean, info.std), cfg.augment, train)
-        self.num_batches = batches_per_rank(self.split_info.num_samples, world_size, self.batch_size, train)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def epoch(
         self, epoch: int, start_batch: int = 0, return_keys: bool = False, layouts: Sequence[Layout] = ()
@@ -89,8 +81,7 @@ class WebDatasetLoader:
 
         With `return_keys`, each batch also carries its samples' keys ("" for padding).
         """
-        if not 0 <= start_batch <= self.batches_left(epoch, layouts):
-            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_left(epoch, layouts)}")
+        self._batches_from(epoch, start_batch, layouts)
         if self._dataloader is None:
             self._stream = _EpochStream(self)
             self._dataloader = DataLoader(
@@ -106,22 +97,8 @@ class WebDatasetLoader:
         yield from self._dataloader
 
     # -- the epoch's plan -------------------------------------------------------------------
-    def sequence(self, epoch: int, layouts: Sequence[Layout] = ()) -> np.ndarray:
-        """Positions of the epoch's sample sequence still to be read after `layouts` (the last
-        answer is kept: after a layout change it replays every worker's shuffle buffer)."""
-        key = (epoch, tuple(layouts) if self.train else ())
-        if self._sequence is None or self._sequence[0] != key:
-            consumed = functools.partial(self._consumed, epoch)
-            self._sequence = (key, remaining_sequence(self.split_info.num_samples, key[1], consumed))
-        return self._sequence[1]
-
-    def batches_left(self, epoch: int, layouts: Sequence[Layout] = ()) -> int:
-        """The rank's batches of `epoch` under this layout, after `layouts`."""
-        if not (layouts and self.train):
-            return self.num_batches
-        return batches_per_rank(len(self.sequence(epoch, layouts)), self.world_size, self.batch_size, True)
-
     def _consumed(self, epoch: int, sequence: np.ndarray, k: int, layout: Layout, rank: int) -> np.ndarray:
+        # each worker read its span through its shuffle buffer: what it delivered is replayed on positions
         batch = layout.batch_size or self.batch_size
         per_rank = batches_per_rank(len(sequence), layout.world_size, batch, True) * batch
         taken = []
@@ -184,10 +161,6 @@ class WebDatasetLoader:
             "it is truncated or from another conversion"
         )
 
-    def image_size(self, epoch: int) -> int:
-        """The epoch's image size: data.progressive's when training, image_size when evaluating."""
-        return self.cfg.train_size(epoch) if self.train else self.cfg.image_size
-
     def transform(self, epoch: int) -> Callable:
         size = self.image_size(epoch)
         if size not in self._transforms:
@@ -211,24 +184,20 @@ class WebDatasetLoader:
 
 
 def _from_sample(path: str, index: int) -> tuple[int, Iterator[dict[str, Any]]]:
-    """(the index reached, the samples of a local tar from there): the headers up to sample
-    `index` are read (seeking over their data) to find where its first member starts."""
+    """(the index reached, the samples of a local tar from there): the tar is indexed up to
+    sample `index` (headers only) to find where its first member starts."""
+    reached, offset = 0, 0
+    samples = tar_samples(path)
+    for sample in samples:
+        if reached == index:
+            offset = sample.offset
+            break
+        reached, offset = reached + 1, sample.end
+    samples.close()
     f = open(path, "rb")  # noqa: SIM115 - handed to the sample stream, which reads it to the end
-    keys, offset = 0, 0
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        previous = None
-        while (member := tar.next()) is not None:
-            key = member.name.split(".", 1)[0]
-            if key != previous:
-                if keys == index:
-                    offset = member.offset
-                    break
-                keys, previous = keys + 1, key
-        else:
-            offset = tar.offset
     f.seek(offset)
     stream = webdataset.tariterators.tar_file_expander([{"url": path, "stream": f}])
-    return keys, webdataset.tariterators.group_by_keys(stream)
+    return reached, webdataset.tariterators.group_by_keys(stream)
 
 
 def _worker_init(_: int) -> None:
@@ -300,11 +269,11 @@ class _EpochStream(IterableDataset):
 
 
 def read_labels(urls: list[str]) -> list[tuple[str, int]]:
-    """(key, label) of every sample in the shards, in order (tests and tools)."""
+    """(key, label) of every sample in the local shard files, in order (tests and tools)."""
     out = []
     for url in urls:
-        for sample in webdataset.tariterators.tarfile_samples([{"url": url}]):
-            out.append((sample["__key__"], int(sample["cls"])))
+        with open(url, "rb") as f:
+            out.extend((sample.key, int(sample.read(f, "cls"))) for sample in tar_samples(url))
     return out
 
 
