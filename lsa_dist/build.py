@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from .checkpoint import TrainState
-from .config import ConfigError, RunConfig, model_overrides
-from .data import build_loader, load_dataset_info
+from .config import ConfigError, RunConfig, model_overrides, redacted_yaml, to_yaml
+from .data import build_loader, dataset_identity, load_dataset_info
 from .data.transforms import build_mixup
 from .dist import DistEnv
 from .engine import Engine, build_engine
-from .fs import atomic_write_text
+from .fs import OWNER_ONLY, atomic_write_text
 from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
+from .sinks import Console, MetricsFile, Sinks
 from .tracking import RECORD_NAME, Tracker, run_id_for, system_info
 from .weights import init_model_from, save_model_file
 
@@ -31,6 +32,7 @@ class Data:
     num_classes: int
     train_samples: int  # of the training split
     workers: int  # loader workers per rank (a rank's sample span is cut per worker)
+    identity: str  # the dataset.json checksum ("synthetic" for train.synthetic): what a resume compares
 
     @property
     def steps_per_epoch(self) -> int:
@@ -48,7 +50,7 @@ def build_data(cfg: RunConfig, env: DistEnv) -> Data:
             SyntheticLoader(cfg.data, num_classes, env.rank, env.world_size, train, cfg.train.seed)
             for train in (True, False)
         )
-        return Data(train, val, num_classes, IMAGENET_TRAIN, 1)
+        return Data(train, val, num_classes, IMAGENET_TRAIN, 1, "synthetic")
     info = load_dataset_info(cfg.data.root)
     num_classes = cfg.model.num_classes or info.num_classes
     if num_classes != info.num_classes:
@@ -57,7 +59,8 @@ def build_data(cfg: RunConfig, env: DistEnv) -> Data:
         build_loader(cfg.data, split, env.rank, env.world_size, is_train, cfg.train.seed, info)
         for split, is_train in ((cfg.data.train_split, True), (cfg.data.val_split, False))
     )
-    return Data(train, val, num_classes, info.split(cfg.data.train_split).num_samples, max(1, cfg.data.num_workers))
+    samples, workers = info.split(cfg.data.train_split).num_samples, max(1, cfg.data.num_workers)
+    return Data(train, val, num_classes, samples, workers, dataset_identity(cfg.data.root))
 
 
 @dataclass
@@ -95,6 +98,23 @@ def build_model(cfg: RunConfig, data: Data, env: DistEnv, device: torch.device, 
         ema.module.float()
     mixup = build_mixup(cfg.data.augment, data.num_classes) if cfg.data.augment.recipe == "imagenet" else None
     return Model(engine, ema, mixup, config, macs, num_params)
+
+
+def write_run_configs(cfg: RunConfig, is_main: bool) -> None:
+    """RUN/config.yaml (owner-only: it may hold credentials) and the redacted copy MLflow gets."""
+    if is_main:
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg), OWNER_ONLY)
+        shown = run_dir / "mlflow" / "config.yaml"
+        shown.parent.mkdir(exist_ok=True)
+        atomic_write_text(shown, redacted_yaml(cfg))
+
+
+def build_sinks(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str, console: Console) -> Sinks:
+    """metrics.jsonl (rank 0), the MLflow tracker and the console."""
+    tracker = build_tracker(cfg, env, state, fallback)
+    return Sinks(MetricsFile(cfg.run_dir / RECORD_NAME, env.is_main), tracker, console)
 
 
 def build_tracker(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str) -> Tracker:
@@ -138,4 +158,13 @@ def export_run(cfg: RunConfig, model: Model, metrics: dict[str, float], tracker:
         tracker.log_model(network, "model", cfg.tracking.register_model)
 
 
-__all__ = ["Data", "Model", "build_data", "build_model", "build_tracker", "export_run"]
+__all__ = [
+    "Data",
+    "Model",
+    "build_data",
+    "build_model",
+    "build_sinks",
+    "build_tracker",
+    "export_run",
+    "write_run_configs",
+]

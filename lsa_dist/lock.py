@@ -195,3 +195,21 @@ def hold_as_worker(run_dir: Path, attempts: int = 100) -> None:
         except BlockingIOError:
             time.sleep(0.05)
     os.close(fd)
+
+
+def own_run(run_dir: Path, device: Any) -> RunLock | None:
+    """A worker's side of ownership (a collective): rank 0 takes the run folder's lock unless its
+    launcher holds it for the workers; a refusal (another launch or a queued SLURM job owns the
+    run) ends every rank with RunInUseError (exit 2). Returns the lock rank 0 holds."""
+    from . import dist as D
+
+    if os.environ.get(OWNER_ENV):
+        hold_as_worker(run_dir)
+        return None
+    job = slurm_job_id()
+    what = "a SLURM job's rank 0" if job else "python -m lsa_dist.train"
+
+    def take() -> RunLock:
+        return RunLock(run_dir, what).acquire(own_job=job)
+
+    return D.rank0_acts(take, device, f"taking {run_dir}'s lock", RunInUseError)

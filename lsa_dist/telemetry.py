@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from . import dist as D
-from .engine import StepInfo
-from .metrics import mfu
+from .config import RunConfig
+from .engine import PRECISIONS, StepInfo
+from .metrics import mfu, peak_flops
 
 
 @dataclass
@@ -69,16 +70,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Telemetry:
-    """train/* every `log_every` steps (MLflow's window), progress/* every `progress_every`
+    """train/* every tracking.log_every steps (MLflow's window), progress/* every train.log_every
     steps (the console's window: averaged over the ranks, a collective), train/first_step_s
     once (start-up cost: DeepSpeed's first step, torch.compile's compilation), and the epoch's
     mean loss."""
 
-    def __init__(
-        self, log_every: int, progress_every: int, macs: int, peak_flops: float, world_size: int, device: torch.device
-    ) -> None:
-        self.log_every, self.progress_every = log_every, progress_every
-        self.macs, self.peak_flops, self.world_size, self.device = macs, peak_flops, world_size, device
+    def __init__(self, cfg: RunConfig, macs: int, world_size: int, device: torch.device) -> None:
+        self.log_every, self.progress_every = cfg.tracking.log_every, cfg.train.log_every
+        dtype = PRECISIONS[cfg.engine.precision]
+        self.peak_flops = cfg.engine.peak_tflops * 1e12 or peak_flops(device, dtype)  # datasheet peak if not given
+        self.macs, self.world_size, self.device = macs, world_size, device
         self.tracking, self.progress, self.epoch = Window(), Window(), Window()
         self.first_step_logged = False
         self.last_epoch: dict[str, float] = {}  # the last epoch's metrics (and evaluation)

@@ -8,7 +8,6 @@ loop measures), the evaluator, and the sinks (metrics.jsonl, MLflow, rank 0's co
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,20 +17,15 @@ import torch.nn.functional as F
 
 from . import dist as D
 from . import rng
-from .build import Data, Model, build_data, build_model, build_tracker, export_run
+from .build import Data, Model, build_data, build_model, build_sinks, export_run, write_run_configs
 from .checkpoint import Checkpointer, CheckpointError, CheckpointManager, TrainState
-from .config import RunConfig, redacted_yaml, to_yaml
-from .data import Layout, dataset_identity
-from .engine import PRECISIONS
+from .config import RunConfig, to_yaml
 from .evaluation import Evaluator
-from .fs import OWNER_ONLY, atomic_write_text
-from .lock import OWNER_ENV, RunInUseError, RunLock, hold_as_worker, slurm_job_id
-from .metrics import peak_flops
+from .lock import own_run
 from .resume import Here, plan_resume, restore, take_lineage
-from .sinks import Console, MetricsFile, Sinks, metrics_line
+from .sinks import Console, metrics_line
 from .stop import StopController
 from .telemetry import Position, StepOutput, Telemetry
-from .tracking import RECORD_NAME
 
 
 @dataclass
@@ -64,10 +58,11 @@ class Trainer:
         self.cfg = cfg
         self.env = D.discover()
         self.device = D.init(self.env)
-        self.lock = self._own_run()
+        self.lock = own_run(cfg.run_dir, self.device)
         self.stop = StopController()
         rng.seed_all(cfg.train.seed)  # the initial weights: the same on every rank
-        self._write_configs()
+        write_run_configs(cfg, self.env.is_main)
+        D.barrier()
         self.data: Data = build_data(cfg, self.env)
         console = Console(
             self.env.is_main, cfg.optim.epochs, self._schedule_end(cfg.optim.epochs * self.data.steps_per_epoch)
@@ -80,47 +75,17 @@ class Trainer:
         self.state, self.resumed_from, fallback = self._resume(console)
         self.span = self._span()
         console.total_steps = self.span.max_steps
-        tracker = build_tracker(cfg, self.env, self.state, fallback)
-        self.sinks = Sinks(MetricsFile(cfg.run_dir / RECORD_NAME, self.env.is_main), tracker, console)
-        dtype = PRECISIONS[cfg.engine.precision]
-        flops = cfg.engine.peak_tflops * 1e12 or peak_flops(self.device, dtype)
-        self.telemetry = Telemetry(
-            cfg.tracking.log_every, cfg.train.log_every, self.model.macs, flops, self.env.world_size, self.device
-        )
+        self.sinks = build_sinks(cfg, self.env, self.state, fallback, console)
+        self.telemetry = Telemetry(cfg, self.model.macs, self.env.world_size, self.device)
         self.evaluator = Evaluator(self.data.val_loader, console, self.stop, self.device)
 
     # -- taking the run and resuming ----------------------------------------------------------
-    def _own_run(self) -> RunLock | None:
-        """Rank 0 takes the run folder's lock unless its launcher holds it for the workers; a
-        refusal (another launch or a queued SLURM job owns the run) ends every rank with exit 2."""
-        if os.environ.get(OWNER_ENV):
-            hold_as_worker(self.cfg.run_dir)
-            return None
-        job = slurm_job_id()
-        what = "a SLURM job's rank 0" if job else "python -m lsa_dist.train"
-
-        def take() -> RunLock:
-            return RunLock(self.cfg.run_dir, what).acquire(own_job=job)
-
-        return D.rank0_acts(take, self.device, f"taking {self.cfg.run_dir}'s lock", RunInUseError)
-
-    def _write_configs(self) -> None:
-        """RUN/config.yaml (owner-only: it may hold credentials) and the redacted copy MLflow gets."""
-        if self.env.is_main:
-            run_dir = self.cfg.run_dir
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", to_yaml(self.cfg), OWNER_ONLY)
-            shown = run_dir / "mlflow" / "config.yaml"
-            shown.parent.mkdir(exist_ok=True)
-            atomic_write_text(shown, redacted_yaml(self.cfg))
-        D.barrier()
-
     def _resume(self, console: Console) -> tuple[TrainState, str, str]:
         """The resume plan, its lineage taken by rank 0 (a no-op where the launcher holding the
         lock took it before starting the workers), then restored on every rank. Returns the
         state, the checkpoint resumed ('' for a new run) and why a fall-back was taken."""
         cfg, env, data = self.cfg, self.env, self.data
-        dataset_sha = "synthetic" if cfg.train.synthetic else dataset_identity(cfg.data.root)
+        dataset_sha = data.identity
         restarted = D.restart_count() > 0
 
         def take() -> None:
@@ -241,9 +206,8 @@ class Trainer:
         """The rest of the epoch's batches, timing how long the loop waits for each."""
         s = self.state
         start = s.batch - s.batches_before()  # in this layout's share of the epoch
-        layouts: list[Layout] = list(s.layouts)
         batches = self.sinks.console.progress(
-            self.data.train_loader.epoch(s.epoch, start, layouts=layouts),
+            self.data.train_loader.epoch(s.epoch, start, layouts=list(s.layouts)),
             self.span.epoch_length - s.batch,
             f"epoch {s.epoch}",
         )
