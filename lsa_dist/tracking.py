@@ -5,19 +5,12 @@
 - `prepare()` runs once before any worker starts (launchers call it): it creates the
   database and experiment (several processes creating a fresh sqlite schema at once crash)
   and decides the run: the one recorded in the run's latest checkpoint, or a new one.
-- RUN/metrics.jsonl (written by rank 0's sinks.MetricsFile, one line per log call, see
-  `append_record`) is the one record of a run's metrics; MLflow catches up from it.
-  RUN/metrics.mlflow.json (`MARK_NAME`, written atomically) marks how far into it MLflow has
-  received, and for which run id: the metrics of a line are on disk (fsynced) before the mark
-  passes them.
-- While the server answers, metrics are queued and sent in batches every flush_every_s from a
-  background thread, and the mark follows. If it cannot be reached, a warning is printed once
-  per outage and the queue is dropped (its lines are in the record); when it answers again,
-  the lines after the mark are sent once, in order. A later process of the same run (a resume,
-  a requeue, a restart) sends what an earlier one left unsent the same way; a new run in the
-  same folder sends nothing of the run the mark names. A metric's MLflow timestamp is its
-  line's time, so a batch sent twice (cut by a failure) is the same values again. Tracking
-  never stops training.
+- RUN/metrics.jsonl is the one record of a run's metrics and its mark says how far MLflow has
+  it (lsa_dist.record). While the server answers, metrics are queued and sent in batches every
+  flush_every_s from a background thread, and the mark follows. If it cannot be reached, a
+  warning is printed once per outage and the queue is dropped (its lines are in the record);
+  when it answers again, the lines after the mark are sent once, in order. Tracking never
+  stops training.
 - A server that is down at launch costs one bounded attempt (no retries, a 10 s timeout): the
   run id is then PENDING, rank 0 trains at once and creates (or continues) the run when the
   server answers, sending the params, tags and artifacts it held back (in the order they were
@@ -31,95 +24,39 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import queue
 import subprocess
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from .config import RunConfig, flatten
-from .fs import atomic_write_json
+from .record import MARK_NAME, RECORD_NAME, Mark, Recorded, append_record, read_record, rows_of, send_batches
 from .redact import first_line, redact_params, redact_text
+
+__all__ = [  # the record's names stay importable from here, where they were first defined
+    "MARK_NAME",
+    "PENDING",
+    "RECORD_NAME",
+    "RUN_ID_ENV",
+    "Recorded",
+    "Tracker",
+    "append_record",
+    "end_run",
+    "prepare",
+    "read_record",
+    "run_id_for",
+    "send_batches",
+    "system_info",
+    "tracking_uri",
+]
 
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
 PENDING = "pending"  # the run is created by rank 0 once the server answers
-RECORD_NAME = "metrics.jsonl"
-MARK_NAME = "metrics.mlflow.json"  # beside the record: {"run_id": ..., "offset": bytes MLflow has}
-METRICS_PER_BATCH = 1000  # MLflow's limits on one log_batch call
-PARAMS_PER_BATCH = 100
-CATCH_UP_BYTES = 4 << 20  # the record is sent from the mark in pieces of about this size
-
-
-class Recorded(NamedTuple):
-    """Where one log call's metrics are in the record: the line's time and the byte offset
-    just after the line."""
-
-    time: float
-    end: int
-
-
-Row = tuple[str, float, int, int]  # one metric: key, value, timestamp (ms), step
-
-
-def append_record(path: Path, metrics: dict[str, float], step: int) -> Recorded:
-    """Append one line {"step", "time", **metrics} to the record: the one format its writers
-    (rank 0's MetricsFile, a Tracker used on its own) share with the catch-up that reads it."""
-    when = time.time()
-    line = json.dumps({"step": step, "time": when, **metrics}) + "\n"
-    with Path(path).open("ab") as f:  # one writer per run folder (the run lock), so tell() is the end
-        f.write(line.encode())
-        return Recorded(when, f.tell())
-
-
-def _rows(metrics: dict[str, Any], step: int, when: float) -> list[Row]:
-    stamp = int(when * 1000)
-    return [(key, float(value), stamp, step) for key, value in metrics.items()]
-
-
-def read_record(path: Path, start: int, limit: int = CATCH_UP_BYTES) -> tuple[list[Row], int]:
-    """The metrics of the complete lines after byte `start` (about `limit` bytes of them) and
-    the offset just after the last line read. A line still being written is left for later;
-    one that is not a record line (torn by a crash, then appended to) is passed over."""
-    rows: list[Row] = []
-    offset = start
-    try:
-        f = Path(path).open("rb")
-    except FileNotFoundError:
-        return rows, offset
-    with f:
-        f.seek(start)
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            offset += len(line)
-            try:
-                row = json.loads(line)
-                step, when = int(row.pop("step")), float(row.pop("time"))
-                rows += _rows({k: v for k, v in row.items() if isinstance(v, (int, float))}, step, when)
-            except (ValueError, TypeError, KeyError, AttributeError):
-                pass
-            if offset - start >= limit:
-                break
-    return rows, offset
-
-
-def send_batches(client: Any, run_id: str, metrics: Sequence[Row] = (), params: Sequence[Any] = ()) -> None:
-    """Log `params` (mlflow Params) then `metrics` to the run in order, in log_batch calls
-    within MLflow's limits: the only place a batch is built. Raises what the client raises."""
-    from mlflow.entities import Metric
-
-    for i in range(0, len(params), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=list(params[i : i + PARAMS_PER_BATCH]))
-    for i in range(0, len(metrics), METRICS_PER_BATCH):
-        chunk = [Metric(k, v, t, s) for k, v, t, s in metrics[i : i + METRICS_PER_BATCH]]
-        client.log_batch(run_id, metrics=chunk)
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -250,7 +187,7 @@ class Tracker:
     With run_id PENDING (the server was down at launch) the run is opened by the background
     thread once the server answers: `previous` (the checkpoint's run) is continued, else a new
     run is created; the calls made meanwhile are then replayed in order. `record` is the run's
-    metrics.jsonl; its mark (MARK_NAME, beside it) says how far MLflow has it.
+    metrics.jsonl; its `mark` (lsa_dist.record.Mark, beside it) says how far MLflow has it.
     """
 
     def __init__(
@@ -263,24 +200,23 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         self.shown_uri = redact_text(self.uri)  # for messages: without credentials
         self.record = Path(record)
-        self.mark = self.record.with_name(MARK_NAME)
+        self.mark = Mark(self.record)  # how far MLflow has the record, and for which run
         self.warned = run_id == PENDING  # the launcher (or prepare here) has said so already
         self.held: list[Any] = []  # calls made before the run exists
         self.lock = threading.Lock()  # run_id and held: the training thread's and the sender's
         self.flushing = threading.Lock()  # one flush at a time (the thread's, finish's)
         self.queue: queue.Queue = queue.Queue()
-        self.sent = 0  # the record's bytes that the run has (the mark's offset)
-        self.behind = False  # lines after `sent` that the queue does not hold: send from the record
+        self.behind = False  # lines after the mark that the queue does not hold: send from the record
         self.flush_every_s = flush_every_s
         self.closed = threading.Event()
         self.thread = None
         if self.enabled:
             # the record's lines before this process's own: an earlier process's, sent only to its run
-            self.start = self.record.stat().st_size if self.record.is_file() else 0
+            self.start = self.mark.size()
             if self.run_id:
-                self._claim()
-            elif self._read_mark() is None:  # they go to the run this process opens (or continues)
-                self._write_mark(self.previous, self.start)
+                self.behind = self.mark.claim(self.run_id, self.start)
+            else:  # they go to the run this process opens (or continues)
+                self.mark.reserve(self.previous, self.start)
             self.client = _client(self.uri)
             self.thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
             self.thread.start()
@@ -313,7 +249,7 @@ class Tracker:
             return
         if at is None:
             at = append_record(self.record, metrics, step)
-        self.queue.put((at.end, _rows(metrics, step, at.time)))
+        self.queue.put((at.end, rows_of(metrics, step, at.time)))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
@@ -404,27 +340,18 @@ class Tracker:
                 if self.warned:  # in an outage: one probe, not the backlog
                     self.client.get_run(self.run_id)
                 if self.behind:
-                    self._catch_up()
+                    self.mark.catch_up(self.client)
+                    self.behind = False  # what is queued now lies before the mark or comes after it
                 else:
-                    send_batches(self.client, self.run_id, [r for end, rows in queued if end > self.sent for r in rows])
-                    self._move_mark(max(end for end, _ in queued))
+                    fresh = [r for end, rows in queued if end > self.mark.offset for r in rows]
+                    send_batches(self.client, self.run_id, fresh)
+                    self.mark.move(max(end for end, _ in queued))
             except Exception as err:  # noqa: BLE001 - tracking must never stop training
                 self.behind = True
                 self._warn(err)
                 return
             self.warned = False
             self._send_held()
-
-    def _catch_up(self) -> None:
-        """The record's complete lines after the mark, in order, piece by piece (the mark
-        follows each, so a failure midway costs at most one piece sent again)."""
-        while True:
-            rows, offset = read_record(self.record, self.sent)
-            if offset == self.sent:
-                break
-            send_batches(self.client, self.run_id, rows)
-            self._move_mark(offset)
-        self.behind = False  # what is queued now lies before the mark or comes after it
 
     def _opened(self) -> bool:
         """Whether the run exists; if it is PENDING, one bounded attempt to open it now and, when
@@ -439,7 +366,7 @@ class Tracker:
             self.run_id = run_id
         self.warned = False
         print(f"MLflow at {self.shown_uri} is back: run {run_id}", file=sys.stderr)
-        self._claim()
+        self.behind = self.mark.claim(run_id, self.start)
         self._send_held()
         return True
 
@@ -458,46 +385,3 @@ class Tracker:
                 return
             with self.lock:
                 self.held.pop(0)
-
-    # -- the mark -----------------------------------------------------------------------------
-    def _claim(self) -> None:
-        """Where this run's metrics start in the record, now that its id is known: at the mark
-        if the mark is this run's (or a run that did not exist yet), else at this process's
-        first line, so that nothing of another run is sent to this one."""
-        mark = self._read_mark()
-        size = self.record.stat().st_size if self.record.is_file() else 0
-        if mark is not None and mark[0] in ("", self.run_id) and mark[1] <= size:
-            offset = mark[1]
-        else:
-            offset = self.start
-            if mark is not None and mark[1] < self.start:
-                print(
-                    f"note: {self.record} holds metrics of MLflow run {mark[0]} that never reached it; "
-                    f"they are not sent to run {self.run_id}",
-                    file=sys.stderr,
-                )
-        self.sent = offset
-        self._write_mark(self.run_id, offset)
-        self.behind = size > offset
-
-    def _read_mark(self) -> tuple[str, int] | None:
-        try:
-            mark = json.loads(self.mark.read_text())
-            return str(mark["run_id"]), int(mark["offset"])
-        except (OSError, ValueError, TypeError, KeyError):
-            return None  # none yet (or unreadable): no line before this process's own is sent
-
-    def _write_mark(self, run_id: str, offset: int) -> None:
-        if self.record.is_file():  # the lines the mark passes are on disk before it says so
-            fd = os.open(self.record, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.mark.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.mark, {"run_id": run_id, "offset": offset})
-
-    def _move_mark(self, offset: int) -> None:
-        if offset > self.sent:
-            self.sent = offset
-            self._write_mark(self.run_id, offset)

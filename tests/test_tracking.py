@@ -19,9 +19,10 @@ from helpers import local_command, run_local, worker_of_rank
 from PIL import Image
 
 from lsa_dist.config import RunConfig
+from lsa_dist.record import MARK_NAME, append_record, read_record
 from lsa_dist.redact import REDACTED, redact_params, redact_text
 from lsa_dist.sinks import Console, MetricsFile, Sinks
-from lsa_dist.tracking import MARK_NAME, PENDING, Tracker, append_record, prepare, read_record
+from lsa_dist.tracking import PENDING, Tracker, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 

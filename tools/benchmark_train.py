@@ -203,12 +203,14 @@ def tracking_cpu(run_dir: Path, workdir: Path, cores: int) -> dict:
     sqlite backend, timing the CPU of both (time.thread_time), against the run's own CPU time
     (wall time between its first and last metric x the cores its workers used)."""
     from lsa_dist.config import RunConfig
-    from lsa_dist.tracking import Tracker, prepare
+    from lsa_dist.tracking import RECORD_NAME, Tracker, prepare
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / RECORD_NAME).read_text().splitlines()]
     cfg = RunConfig()
     cfg.tracking.uri = f"sqlite:///{workdir / 'replay.db'}"
-    tracker = Tracker(cfg, prepare(cfg), workdir / "replay-pending.jsonl", flush_every_s=3600)
+    replay = workdir / "replay"  # a run folder of its own: the replayed record and its mark
+    replay.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg, prepare(cfg), replay / RECORD_NAME, flush_every_s=3600)
     start = time.thread_time()
     for row in rows:
         tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"])
