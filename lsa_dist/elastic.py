@@ -10,6 +10,10 @@ What this module adds to the agent:
 - no restart after a bad input (exit 2) or a requested stop (exit 3): neither would go better;
 - rank 0's output echoed here from its log file (the workers append their own output to
   RUN/logs/rank<r>.log; the agent's redirection would truncate the file of every attempt).
+
+torch's public launcher API (`elastic_launch`, what torchrun runs) offers none of these, so the
+agent's `_start_workers`, `_monitor_workers`, `_remaining_restarts` and `_pcontext` are used;
+tests/test_elastic.py pins each of them, so a torch upgrade that changes one fails there by name.
 """
 
 from __future__ import annotations
