@@ -16,6 +16,7 @@ Exit codes: 0 done, 1 crash, 2 bad input, 3 stopped after checkpointing.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,9 +29,12 @@ from lsa_dist import dist as D  # noqa: E402
 from lsa_dist.config import RunConfig  # noqa: E402
 from lsa_dist.elastic import Echo, Outcome, SurvivingStdout, WorkerExit, run_workers, tail  # noqa: E402
 from lsa_dist.lock import OWNER_ENV, RunLock  # noqa: E402
+from lsa_dist.log import setup_logging  # noqa: E402
 from lsa_dist.redact import redact_output, redact_text  # noqa: E402
 from lsa_dist.resume import take_lineage  # noqa: E402
 from lsa_dist.tracking import PENDING, RUN_ID_ENV, end_run, tracking_uri  # noqa: E402
+
+logger = logging.getLogger("lsa_dist.launch.local")  # under the library's logger: one setup shows both
 
 
 def worker_environment(nproc: int, run_id: str) -> None:
@@ -48,7 +52,7 @@ def worker_environment(nproc: int, run_id: str) -> None:
 
 def announce_restart(failure: WorkerExit | None, restart: int, max_restarts: int) -> None:
     why = f"rank {failure.rank} failed ({failure.describe()})" if failure else "the workers ended"
-    print(f"\n{why}; restarting the workers from the last checkpoint ({restart} of {max_restarts})", file=sys.stderr)
+    logger.warning(f"\n{why}; restarting the workers from the last checkpoint ({restart} of {max_restarts})")
 
 
 def launch(cfg: RunConfig, config_path: Path, run_id: str, stop_timeout: int) -> tuple[Outcome, dict[int, int]]:
@@ -69,7 +73,8 @@ def launch(cfg: RunConfig, config_path: Path, run_id: str, stop_timeout: int) ->
 
 
 def report(cfg: RunConfig, outcome: Outcome, offsets: dict[int, int], run_id: str) -> int:
-    """Say how the run ended and where to look; returns the launcher's exit code."""
+    """Say how the run ended and where to look; returns the launcher's exit code. These lines
+    are the command's result, printed as they are, like cli.fail's error line."""
     run_dir = cfg.run_dir
     if outcome.launcher_signal:
         print(f"\n{outcome.launcher_signal}: the workers were asked to checkpoint and stop", file=sys.stderr)
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     redact_output()
     sys.stdout = SurvivingStdout(sys.stdout)  # a closed pipe (| head) must not end the run
+    setup_logging(0)
     flags = {"launch.nproc": args.nproc, "launch.max_restarts": args.max_restarts}
     try:
         cfg = cli.load(args, *(f"{k}={v}" for k, v in flags.items() if v is not None))
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[OWNER_ENV] = "1"  # the workers train under this process's ownership
     config_path, run_id = cli.prepare_run(cfg, plan.run_id, "launch_config.yaml")
     if run_id:
-        print(f"MLflow run {run_id} ({cfg.tracking.experiment})")
+        logger.info(f"MLflow run {run_id} ({cfg.tracking.experiment})")
     outcome, offsets = launch(cfg, config_path, run_id, args.stop_timeout)
     return report(cfg, outcome, offsets, run_id)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -40,8 +41,11 @@ from lsa_dist import cli  # noqa: E402
 from lsa_dist.config import RunConfig, redacted_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
 from lsa_dist.lock import RunLock, squeue_states  # noqa: E402
+from lsa_dist.log import setup_logging  # noqa: E402
 from lsa_dist.redact import redact_output  # noqa: E402
 from lsa_dist.resume import take_lineage  # noqa: E402
+
+logger = logging.getLogger("lsa_dist.launch.slurm")  # under the library's logger: one setup shows both
 
 
 def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
@@ -279,6 +283,7 @@ def submit(jobs: list[RunConfig], previous: list[str], params: dict[str, Any], j
 
 def main(argv: list[str] | None = None) -> int:
     redact_output()
+    setup_logging(0)
     args = build_parser().parse_args(argv)
     try:
         jobs = load_jobs(args)
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     # variables of another launcher
     cleared = clear_inherited()
     if cleared:
-        print(f"not passing {', '.join(cleared)} (left in this shell) to the job")
+        logger.info(f"not passing {', '.join(cleared)} (left in this shell) to the job")
     code = snapshot_code(Path(jobs[0].train.output_dir))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH", "")]))
     submitted = submit(jobs, previous, params, args.job_dir)

@@ -9,6 +9,7 @@ config. Exit codes, for launchers, workers and tools alike: 0 done, 1 crash (a t
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .fs import OWNER_ONLY, atomic_write_text
 from .redact import redact_text
 from .resume import ResumePlan, plan_resume
 from .tracking import prepare
+
+logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CRASH = 1  # a traceback: a bug, or a failure of the machine
@@ -45,7 +48,9 @@ def config_parser(doc: str, config_required: bool = True) -> argparse.ArgumentPa
 
 
 def fail(err: BaseException) -> int:
-    """Print `error: <message>` on one line and return the bad-input exit code."""
+    """Print `error: <message>` on one line and return the bad-input exit code. A print, not a
+    log record: the line and exit code are the protocol launchers and tools rely on, shown even
+    where logging was never set up or a library reconfigured it."""
     print(f"error: {redact_text(str(err))}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
 
@@ -70,7 +75,7 @@ def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware
         check_precision(cfg.engine.precision, "cuda" if torch.cuda.is_available() else "cpu")
     plan = plan_resume(cfg, world_size, dataset_identity(cfg.data.root) if dataset else "")
     if plan.folder is not None and plan.saved_world_size != world_size:
-        print(
+        logger.info(
             f"resuming {plan.folder} (written by {plan.saved_world_size} ranks) on {world_size} ranks: the epoch in "
             "progress goes on with the samples it has not read, re-split over the new ranks"
         )

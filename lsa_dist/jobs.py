@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 from typing import Any
 
 from .config import load_config
+
+logger = logging.getLogger(__name__)
 
 
 class TrainJob:
@@ -24,14 +27,17 @@ class TrainJob:
 
         from . import dist as D
         from .cli import EXIT_STOPPED
+        from .log import EVERY_RANK, setup_logging
         from .redact import redact_output
         from .tracking import RUN_ID_ENV
         from .train import main
 
         redact_output()  # submitit's log and what libraries print lose their credentials
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        print(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", flush=True)  # the submission's copy
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        setup_logging(D.discover().rank)
+        # the submission's copy, in every task's log
+        logger.info(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", extra=EVERY_RANK)
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         os.environ["OMP_NUM_THREADS"] = str(cpus)
         torch.set_num_threads(cpus)

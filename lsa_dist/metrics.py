@@ -6,9 +6,9 @@ the export tool (one process, no process group) alike.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from . import dist as D
 from .data import PAD_LABEL
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,9 @@ def gpu_peak(name: str, dtype: torch.dtype) -> float:
     if peak is None:
         if name not in _warned:
             _warned.add(name)
-            print(
+            logger.warning(
                 f"warning: no peak FLOP/s known for GPU {name!r}; MFU is not reported: set engine.peak_tflops to "
-                "its dense bf16 tensor TFLOP/s (datasheet)",
-                file=sys.stderr,
+                "its dense bf16 tensor TFLOP/s (datasheet)"
             )
         return math.nan
     return (peak.tf32 if dtype == torch.float32 else peak.bf16) * 1e12

@@ -17,8 +17,8 @@ tracking is on.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from .fs import atomic_write_json
 
+logger = logging.getLogger(__name__)
 RECORD_NAME = "metrics.jsonl"
 MARK_NAME = "metrics.mlflow.json"  # beside the record: {"run_id": ..., "offset": bytes MLflow has}
 METRICS_PER_BATCH = 1000  # MLflow's limits on one log_batch call
@@ -137,10 +138,9 @@ class Mark:
         else:
             offset = start
             if mark is not None and mark[1] < start:
-                print(
+                logger.warning(
                     f"note: {self.record} holds metrics of MLflow run {mark[0]} that never reached it; "
-                    f"they are not sent to run {run_id}",
-                    file=sys.stderr,
+                    f"they are not sent to run {run_id}"
                 )
         self.run_id, self.offset = run_id, offset
         self._write(run_id, offset)

@@ -90,7 +90,9 @@ class RedactingStream:
 
 def redact_output() -> None:
     """Route this process's Python output through `redact_text`: sys.stdout, sys.stderr and
-    the logging handlers that already hold them (libraries configure theirs at import).
+    the logging handlers that already hold them (libraries configure theirs at import). The
+    library's own handlers (lsa_dist.log) look sys.stdout and sys.stderr up at each record, so
+    they write through the wrappers whether they were set up before or after this call.
     Output that other programs or C code write to the file descriptors is not covered."""
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values())]
     handlers = [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]

@@ -8,6 +8,7 @@ The file is written first: MLflow catches up from it after an outage (lsa_dist.t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 from .tracking import Recorded, Tracker, append_record
 
+logger = logging.getLogger(__name__)
 PROGRESS = "progress/"  # the keys of a progress window (see Console.progress_line)
 SUMMARY_KEYS = ("train/epoch_loss", "val/loss", "val/top1", "val/top5", "val_ema/top1")
 
@@ -62,8 +64,10 @@ class Console:
         self.bar: Any = None
 
     def say(self, message: str) -> None:
+        """One line on rank 0's stdout, "warning: ..." lines included (a log record at INFO:
+        the level decides the stream, and these lines have always been on stdout)."""
         if self.enabled:
-            print(message, flush=True)
+            logger.info(message)
 
     def progress(self, iterable: Iterable, total: int, desc: str) -> Iterator:
         """`iterable` with a progress bar when interactive."""

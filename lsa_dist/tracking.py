@@ -24,11 +24,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import queue
 import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -55,6 +55,7 @@ __all__ = [  # the record's names stay importable from here, where they were fir
     "tracking_uri",
 ]
 
+logger = logging.getLogger(__name__)
 RUN_ID_ENV = "LSA_MLFLOW_RUN_ID"
 PENDING = "pending"  # the run is created by rank 0 once the server answers
 
@@ -103,10 +104,9 @@ def prepare(cfg: RunConfig, run_id: str = "") -> str:
     try:
         return _open_run(cfg, uri, run_id)
     except Exception as err:  # noqa: BLE001
-        print(
+        logger.warning(
             f"warning: MLflow at {redact_text(uri)} is unreachable ({first_line(err)}); training starts now and "
-            f"the run is created when the server answers (metrics are sent then from {cfg.run_dir / RECORD_NAME})",
-            file=sys.stderr,
+            f"the run is created when the server answers (metrics are sent then from {cfg.run_dir / RECORD_NAME})"
         )
         return PENDING
 
@@ -271,7 +271,7 @@ class Tracker:
                         model, name=name, registered_model_name=register_as or None, serialization_format="pickle"
                     )
             except Exception as err:  # noqa: BLE001 - the weights are in model.pt either way
-                print(f"warning: the model was not logged to MLflow ({first_line(err)})", file=sys.stderr)
+                logger.warning(f"warning: the model was not logged to MLflow ({first_line(err)})")
 
         self._call(log)
 
@@ -284,10 +284,9 @@ class Tracker:
             self.thread.join(timeout=60)
         self._flush()
         if not self.run_id:
-            print(
+            logger.warning(
                 f"warning: MLflow at {self.shown_uri} never answered: the run's metrics are kept in {self.record}; "
-                "run the same command again when it is back to send them",
-                file=sys.stderr,
+                "run the same command again when it is back to send them"
             )
             return
         self._call(lambda: self.client.set_terminated(self.run_id, status=status), always=True)
@@ -311,10 +310,9 @@ class Tracker:
     def _warn(self, err: BaseException) -> None:
         if not self.warned:
             self.warned = True
-            print(
+            logger.warning(
                 f"warning: MLflow at {self.shown_uri} is unreachable ({first_line(err)}); metrics are kept in "
-                f"{self.record} and sent from there when it is back. Training continues.",
-                file=sys.stderr,
+                f"{self.record} and sent from there when it is back. Training continues."
             )
 
     def _worker(self) -> None:
@@ -365,7 +363,7 @@ class Tracker:
         with self.lock:
             self.run_id = run_id
         self.warned = False
-        print(f"MLflow at {self.shown_uri} is back: run {run_id}", file=sys.stderr)
+        logger.warning(f"MLflow at {self.shown_uri} is back: run {run_id}")
         self.behind = self.mark.claim(run_id, self.start)
         self._send_held()
         return True

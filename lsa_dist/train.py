@@ -9,6 +9,7 @@ runs one process (or, under torchrun, one of many).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -18,8 +19,11 @@ from pathlib import Path
 from . import cli
 from . import dist as D
 from .config import RunConfig
+from .log import EVERY_RANK, setup_logging
 from .redact import redact_output, redact_text
 from .trainer import Result, Trainer
+
+logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -42,7 +46,7 @@ def run_worker(cfg: RunConfig) -> int:
     except cli.USER_ERRORS as err:
         code = cli.fail(err)
     except Exception:
-        print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
+        logger.error(redact_text(traceback.format_exc()).rstrip("\n"))
         code = cli.EXIT_CRASH
     else:
         code = cli.EXIT_OK if result.status == "finished" else cli.EXIT_STOPPED
@@ -62,8 +66,8 @@ def append_output_to(log_dir: Path) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     restart = D.restart_count()
-    if restart:
-        print(f"--- restart {restart} of this job's workers ---", flush=True)
+    if restart:  # in each rank's own log, not rank 0's alone
+        logger.info(f"--- restart {restart} of this job's workers ---", extra=EVERY_RANK)
 
 
 def die_with_launcher() -> None:
@@ -83,6 +87,7 @@ def command(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__, config_required=False)
     parser.add_argument("--log-dir", type=Path, default=None, help="append this rank's output to DIR/rank<r>.log")
     args = parser.parse_args(argv)
+    setup_logging(D.discover().rank)
     if args.log_dir is not None:
         append_output_to(args.log_dir)
     redact_output()  # what libraries print (a connection error's URL) loses its credentials

@@ -13,6 +13,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_demo_dataset import make_demo_dataset  # noqa: E402
 
 from lsa_dist.data.convert import ConvertOptions, convert  # noqa: E402
+from lsa_dist.log import setup_logging  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_logging() -> None:
+    """What every entry point does first: the library's lines on stdout and stderr, where tests
+    read them (capsys), as rank 0."""
+    setup_logging(0)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsa_dist.data.convert import FORMATS, ConversionError, ConvertOptions, convert, summary  # noqa: E402
 from lsa_dist.data.dataset import DatasetError  # noqa: E402
 from lsa_dist.data.imagenet import SourceError  # noqa: E402
+from lsa_dist.log import setup_logging  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging(0)  # the library's lines (a resumed conversion's count of finished shards)
     options = ConvertOptions(
         args.max_side,
         args.jpeg_quality,

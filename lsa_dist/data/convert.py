@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -36,6 +37,7 @@ from .dataset import DATASET_FILE, FORMAT_VERSION
 from .imagenet import Sample, scan_imagenet, shown
 from .images import BadImageError, process_image
 
+logger = logging.getLogger(__name__)
 FORMATS = ("wds", "ffcv", "both")
 RECORDS = ".records"
 
@@ -313,7 +315,7 @@ def _convert_split(
         else:
             records[task.name] = done
     if records:
-        print(f"{split}: {len(records)} of {len(tasks)} shards already finished, converting the rest")
+        logger.info(f"{split}: {len(records)} of {len(tasks)} shards already finished, converting the rest")
     for record in _run_tasks(todo, workers, f"{split} -> shards"):
         records[record.name] = record
     return [records[t.name] for t in tasks]

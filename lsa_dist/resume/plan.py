@@ -5,6 +5,7 @@ decision the lock holder carries out before any worker starts."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from ..checkpoint import META, CheckpointError, CheckpointManager, read_meta
 from ..config import RunConfig, flatten, flatten_tree, is_math_key
 from ..fs import atomic_write_bytes, atomic_write_text, fsync_dir
 from ..redact import first_line
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,7 +106,7 @@ def unreadable_part(folder: Path) -> str:
     return ""
 
 
-def take_lineage(plan: ResumePlan, run_dir: Path, say: Callable[[str], None] = print) -> None:
+def take_lineage(plan: ResumePlan, run_dir: Path, say: Callable[[str], None] = logger.info) -> None:
     """Carried out by the process that holds the run's lock, before any worker starts: the
     checkpoints the plan leaves or passes over go into RUN/set_aside/<time>/ (with WHY.txt)."""
     present = [folder for folder in plan.moves if folder.is_dir()]
