@@ -4,12 +4,15 @@ it with the same command, and compare its final weights with an uninterrupted ru
 
     python tools/chaos.py --config configs/demo.yaml --kills 20 [--json chaos.json] [key=value ...]
 
-Each attempt runs `launch/local.py` with the same command line; after a random delay (from
---min-delay to --max-delay seconds after the attempt started: start-up, training, evaluation
-or a save may be under way) the launcher and all its workers are SIGKILLed at once, as a
-node failure would. The next attempt must continue from the run's latest checkpoint. After
-the last kill the run is finished by the same command, and its model.pt is compared tensor by
-tensor (exact equality) with the model.pt of the same config run without interruption.
+Each attempt runs `launch/local.py` with the same command line, and the launcher and all its
+workers are SIGKILLed at once, as a node failure would, at a random moment of a random phase:
+during start-up (--startup-share of the kills: within --startup-window seconds after the
+workers exist), or in training (from --min-delay to --max-delay seconds after the attempt's
+first new step: training, evaluation or a save may be under way). The moments are measured
+from these states, not from the launch, so a slow or busy machine still kills in training.
+The next attempt must continue from the run's latest checkpoint. After the last kill the run
+is finished by the same command, and its model.pt is compared tensor by tensor (exact
+equality) with the model.pt of the same config run without interruption.
 Prints a table of the attempts and the verdict; exit 0 only if every relaunch resumed and
 the weights are identical. The runs go to --out (default: a temporary folder, removed).
 """
@@ -71,6 +74,23 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def latest_checkpoint(run_dir: Path) -> int | None:
+    """The step of the run's latest complete checkpoint (None: there is none yet)."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    meta = run_dir / "checkpoints" / pointer.read_text().strip() / "meta.json"
+    return json.loads(meta.read_text())["step"] if meta.is_file() else None
+
+
+def reached(phase: str, run_dir: Path, before: int) -> bool:
+    """Whether an attempt is in the phase to kill it in: its workers exist (start-up), or it
+    has trained a step beyond `before` (training)."""
+    if phase == "start-up":
+        return bool(processes_of(run_dir))
+    return last_step(run_dir) > before
+
+
 def resumed_step(log: str) -> int | None:
     match = re.search(r"resumed from \S+ \(epoch \d+, batch \d+, step (\d+)\)", log)
     return int(match.group(1)) if match else None
@@ -98,7 +118,13 @@ def campaign(args: argparse.Namespace, out: Path) -> dict:
         log = out / f"attempt{kill}.log"
         with log.open("w") as f:
             launcher = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        delay = rng.uniform(args.min_delay, args.max_delay)
+        phase = "start-up" if rng.random() < args.startup_share else "training"
+        delay = (
+            rng.uniform(0, args.startup_window) if phase == "start-up" else rng.uniform(args.min_delay, args.max_delay)
+        )
+        before, latest = last_step(run_dir), latest_checkpoint(run_dir)
+        while launcher.poll() is None and not reached(phase, run_dir, before):
+            time.sleep(0.05)
         started = time.time()
         while time.time() - started < delay and launcher.poll() is None:
             time.sleep(0.05)
@@ -109,24 +135,35 @@ def campaign(args: argparse.Namespace, out: Path) -> dict:
         attempts.append(
             {
                 "kill": kill,
+                "phase": phase,
                 "delay_s": round(delay, 1),
+                "latest_checkpoint": latest,  # what this attempt had to resume from
                 "resumed_from": resumed_step(text),
                 "step_at_kill": last_step(run_dir),
                 "processes_killed": killed,
             }
         )
-        print(f"kill {kill:2d} after {delay:5.1f} s: step {attempts[-1]['step_at_kill']}", flush=True)
+        print(f"kill {kill:2d} in {phase} after {delay:5.1f} s: step {attempts[-1]['step_at_kill']}", flush=True)
+    latest = latest_checkpoint(run_dir)
     final = subprocess.run(cmd, capture_output=True, text=True)
     if final.returncode != 0:
         raise SystemExit(f"the finishing run failed:\n{final.stderr[-3000:]}")
     same, total = compare(out / "reference" / "model.pt", run_dir / "model.pt")
-    relaunches = [*(a["resumed_from"] for a in attempts[1:]), resumed_step(final.stdout)]
+    # an attempt killed in start-up before it said where it resumed cannot be judged; every
+    # other one, and the finishing run, must have resumed from the latest checkpoint there was
+    judged = [(a["resumed_from"], a["latest_checkpoint"]) for a in attempts if a["phase"] == "training"]
+    judged += [
+        (a["resumed_from"], a["latest_checkpoint"])
+        for a in attempts
+        if a["phase"] == "start-up" and a["resumed_from"] is not None
+    ]
+    judged.append((resumed_step(final.stdout), latest))
     return {
         "kills": args.kills,
         "attempts": attempts,
-        "final_resumed_from": relaunches[-1],
-        "relaunches_resumed": sum(r is not None for r in relaunches),
-        "relaunches": len(relaunches),
+        "final_resumed_from": judged[-1][0],
+        "relaunches_resumed": sum(resumed == want for resumed, want in judged),
+        "relaunches": len(judged),
         "identical_tensors": same,
         "tensors": total,
     }
@@ -135,8 +172,16 @@ def campaign(args: argparse.Namespace, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__)
     parser.add_argument("--kills", type=int, default=20, help="how many times to SIGKILL the run (20)")
-    parser.add_argument("--min-delay", type=float, default=20.0, help="earliest kill, s after an attempt starts")
-    parser.add_argument("--max-delay", type=float, default=45.0, help="latest kill, s after an attempt starts")
+    parser.add_argument(
+        "--min-delay", type=float, default=1.0, help="earliest training kill, s after an attempt's first new step (1)"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=20.0, help="latest training kill, s after an attempt's first new step (20)"
+    )
+    parser.add_argument("--startup-share", type=float, default=0.25, help="share of kills during start-up (0.25)")
+    parser.add_argument(
+        "--startup-window", type=float, default=10.0, help="start-up kills: within this many s after the workers exist"
+    )
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
@@ -150,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         result = campaign(args, out)
-    print(f"\n{'kill':>4} {'after s':>8} {'resumed from':>13} {'step at kill':>13}")
+    print(f"\n{'kill':>4} {'phase':>9} {'after s':>8} {'resumed from':>13} {'step at kill':>13}")
     for a in result["attempts"]:
         resumed = "-" if a["resumed_from"] is None else str(a["resumed_from"])
-        print(f"{a['kill']:>4} {a['delay_s']:>8} {resumed:>13} {a['step_at_kill']:>13}")
-    print(f"{'end':>4} {'':>8} {result['final_resumed_from']!s:>13} {'finished':>13}")
+        print(f"{a['kill']:>4} {a['phase']:>9} {a['delay_s']:>8} {resumed:>13} {a['step_at_kill']:>13}")
+    print(f"{'end':>4} {'':>9} {'':>8} {result['final_resumed_from']!s:>13} {'finished':>13}")
     ok = result["relaunches_resumed"] == result["relaunches"] and result["identical_tensors"] == result["tensors"]
     print(
-        f"\n{result['kills']} kills: {result['relaunches_resumed']}/{result['relaunches']} relaunches resumed; "
+        f"\n{result['kills']} kills: {result['relaunches_resumed']}/{result['relaunches']} relaunches that got as far "
+        "resumed from the latest checkpoint there was; "
         f"final weights identical in {result['identical_tensors']}/{result['tensors']} tensors -> "
         f"{'PASS' if ok else 'FAIL'}"
     )
