@@ -566,8 +566,9 @@ def test_bf16_runs_export_fp32_master_weights_register_under_zero3_and_init_othe
     final = dict(line.split() for line in (run / "final_metrics.txt").read_text().splitlines())
     rows = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     evaluated = next(r for r in rows if "val/top1" in r)
-    assert evaluated["val/top1"] == float(final["val/top1"])
-    # the same bf16 weights; ZeRO-3's gathered forward sums in another order: bf16 rounding apart
+    # the same bf16 weights; ZeRO-3's gathered forward sums in another order: bf16 rounding apart,
+    # which can flip one near-tie prediction of this near-chance model
+    assert abs(evaluated["val/top1"] - float(final["val/top1"])) <= 100 / 359 + 1e-9
     assert evaluated["val/loss"] == pytest.approx(float(final["val/loss"]), rel=1e-4)
     import mlflow
 
