@@ -5,7 +5,7 @@
 
 Checks the config, the dataset, the device's support for engine.precision and the checkpoint
 to resume before anything starts, prepares MLflow, then starts N workers through torch's
-elastic agent (a c10d rendezvous on a free local port). Rank 0's output streams here; every
+elastic launcher (a c10d rendezvous on a free local port). Rank 0's output streams here; every
 rank's output is appended to RUN/logs/rank<r>.log. If a worker dies, the others are stopped at
 once and the first failing rank's last lines are shown; with --max-restarts K the workers are
 restarted from the run's last checkpoint instead, up to K times. Ctrl-C (or SIGTERM) is

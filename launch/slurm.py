@@ -192,6 +192,7 @@ def load_jobs(args: argparse.Namespace) -> list[RunConfig]:
 # distributed variables a shell may hold (an earlier torchrun, a login node's job): sbatch passes
 # the submitting environment to every task, where they would contradict SLURM's
 INHERITED = (
+    "LSA_RESTART_COUNT",
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",

@@ -65,11 +65,15 @@ def discover() -> DistEnv:
     )
 
 
+RESTART_ENV = "LSA_RESTART_COUNT"  # set by lsa_dist.elastic for each start of the local workers
+
+
 def restart_count() -> int:
-    """How many times this job's workers were started again: by torch's elastic agent
-    (--max-restarts) or by SLURM requeueing the job (preemption, time limit, node failure).
-    0 on the launch itself; a restart continues the run, whatever train.resume said at launch."""
-    return max(_int("TORCHELASTIC_RESTART_COUNT", 0), _int("SLURM_RESTART_COUNT", 0))
+    """How many times this job's workers were started again: by the local launcher
+    (--max-restarts), torch's elastic agent or SLURM requeueing the job (preemption, time limit,
+    node failure). 0 on the launch itself; a restart continues the run, whatever train.resume
+    said at launch."""
+    return max(_int(RESTART_ENV, 0), _int("TORCHELASTIC_RESTART_COUNT", 0), _int("SLURM_RESTART_COUNT", 0))
 
 
 def device_for(env: DistEnv) -> torch.device:

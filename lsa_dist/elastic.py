@@ -1,26 +1,24 @@
-"""Local worker processes on torch's elastic agent (what torchrun runs): N processes on this
-machine joined by a c10d rendezvous on a free port, all stopped when one fails, restarted up to
-`max_restarts` times, and the launcher's SIGINT/SIGTERM forwarded to them (they checkpoint and
+"""Local worker processes through torch's public elastic launcher (`elastic_launch`, what
+torchrun runs): N processes on this machine joined by a c10d rendezvous on a free port, all
+stopped when one fails, and the launcher's SIGINT/SIGTERM forwarded to them (they checkpoint and
 stop within `stop_timeout` seconds, or are killed).
 
-What this module adds to the agent:
-- each worker's exit time, taken from a pidfd the moment it exits (the agent polls, and its
-  failure timestamps have whole seconds), so that the rank that failed first is named rather
-  than the ranks that failed because it had gone;
-- no restart after a bad input (exit 2) or a requested stop (exit 3): neither would go better;
-- rank 0's output echoed here from its log file (the workers append their own output to
-  RUN/logs/rank<r>.log; the agent's redirection would truncate the file of every attempt).
-
-torch's public launcher API (`elastic_launch`, what torchrun runs) offers none of these, so the
-agent's `_start_workers`, `_monitor_workers`, `_remaining_restarts` and `_pcontext` are used;
-tests/test_elastic.py pins each of them, so a torch upgrade that changes one fails there by name.
+Each attempt is one `elastic_launch` with `max_restarts=0`; restarts are this module's loop, so
+it can do what the public API cannot:
+- no restart after a bad input (exit 2) or a requested stop (exit 3): neither would go better,
+  and a callback says which rank failed before each restart;
+- each worker's exit time, taken from a pidfd the moment it exits (the launcher's
+  ProcessFailure timestamps have whole seconds), so that the rank that failed first is named
+  rather than the ranks that failed because it had gone;
+- rank logs kept across attempts: the workers append their own output to RUN/logs/rank<r>.log
+  (the launcher's redirects would truncate it on every attempt); rank 0's is echoed here.
+Workers see the attempt number in LSA_RESTART_COUNT (torch's own count is 0 in every attempt).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import sys
 import threading
@@ -32,15 +30,14 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec
-from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-from torch.distributed.elastic.rendezvous import RendezvousParameters
-from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from .dist import RESTART_ENV
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the agent's defaults
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the launcher's defaults
 
 
 @dataclass(frozen=True)
@@ -74,109 +71,153 @@ def failures(exits: list[WorkerExit]) -> list[WorkerExit]:
     return sorted((e for e in exits if e.code not in (EXIT_OK, EXIT_STOPPED)), key=lambda e: e.at)
 
 
-class _Agent(LocalElasticAgent):
-    """LocalElasticAgent that records exact exit times and skips pointless restarts."""
+def _rank_of(pid: int, run_id: str) -> int | None:
+    """RANK of our child `pid` if it is a worker of launch `run_id` (from its environment)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    values = dict(item.split(b"=", 1) for item in env if b"=" in item)
+    if values.get(b"TORCHELASTIC_RUN_ID") != run_id.encode() or b"RANK" not in values:
+        return None
+    return int(values[b"RANK"])
 
-    def __init__(self, spec: WorkerSpec, log_dir: str, stop_timeout: int, on_restart: Callable) -> None:
-        super().__init__(spec, DefaultLogsSpecs(log_dir=log_dir), start_method="spawn", shutdown_timeout=stop_timeout)
-        self.attempts = 0
-        self.exit_times: dict[int, float] = {}
-        self.on_restart = on_restart
 
-    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
-        if self.attempts:
-            failure = next(iter(failures(self.exits())), None)
-            self.on_restart(failure, self.attempts, worker_group.spec.max_restarts)
-        pids = super()._start_workers(worker_group)
-        self.attempts += 1
-        self.exit_times = {}
-        for rank, pid in pids.items():
-            threading.Thread(target=self._watch, args=(rank, pid), daemon=True).start()
-        return pids
+def _children() -> set[int]:
+    """Process ids of this process's children."""
+    me, out = os.getpid(), set()
+    for task in Path(f"/proc/{me}/task").iterdir():
+        try:
+            out.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return out
+
+
+class ExitWatch:
+    """Finds the workers of one launch among this process's children and records, for each
+    rank, its exit status and the moment it exited (a pidfd wait: woken by the kernel, not a poll)."""
+
+    def __init__(self, run_id: str, nproc: int) -> None:
+        self.run_id, self.nproc = run_id, nproc
+        self.pids: dict[int, int] = {}  # rank -> pid
+        self.exits: dict[int, WorkerExit] = {}
+        self.done = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.finder = threading.Thread(target=self._find, daemon=True)
+
+    def __enter__(self) -> ExitWatch:
+        self.finder.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.finder.join(timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+    def _find(self) -> None:
+        while len(self.pids) < self.nproc and not self.done.wait(0.01):
+            for pid in _children() - set(self.pids.values()):
+                rank = _rank_of(pid, self.run_id)  # None too between fork and exec: asked again
+                if rank is not None:
+                    self.pids[rank] = pid
+                    thread = threading.Thread(target=self._watch, args=(rank, pid), daemon=True)
+                    self.threads.append(thread)
+                    thread.start()
 
     def _watch(self, rank: int, pid: int) -> None:
         try:
             fd = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone (and reaped)
-            self.exit_times[rank] = time.monotonic()
+        except ProcessLookupError:  # already gone (and reaped): its status comes from the launcher
             return
-        try:
-            select.select([fd], [], [])  # readable once the process has exited
+        try:  # blocks until it exits; reads the status in the kernel, without reaping (the
+            # launcher still waits for this child) and before the launcher's next poll could
+            info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
+            at = time.monotonic()
+        except ChildProcessError:  # the launcher reaped it first
+            return
         finally:
             os.close(fd)
-        self.exit_times[rank] = time.monotonic()
-
-    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
-        result = super()._monitor_workers(worker_group)
-        if result.is_failed():
-            failed = failures(self.exits())
-            if not failed or failed[0].code == EXIT_BAD_INPUT:  # a requested stop, or bad input first
-                self._remaining_restarts = 0  # as the agent itself does for workers it cannot restart
-        return result
-
-    def exits(self) -> list[WorkerExit]:
-        """How each worker of the current attempt ended (running ones are left out)."""
-        handlers = getattr(self._pcontext, "subprocess_handlers", {}) if self._pcontext else {}
-        out = []
-        for rank, handler in sorted(handlers.items()):
-            code = handler.proc.poll()
-            if code is not None:
-                out.append(WorkerExit(rank, code, self.exit_times.get(rank, time.monotonic())))
-        return out
+        if info is not None:
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            self.exits[rank] = WorkerExit(rank, code, at)
 
     def kill_leftovers(self) -> None:
-        """SIGKILL what is still running (a second Ctrl-C cut the graceful stop short)."""
-        handlers = getattr(self._pcontext, "subprocess_handlers", {}) if self._pcontext else {}
-        for handler in handlers.values():
-            if handler.proc.poll() is None:
+        """SIGKILL workers still running (a second Ctrl-C cut the graceful stop short)."""
+        for rank, pid in self.pids.items():
+            if rank not in self.exits:
                 try:
-                    os.killpg(handler.proc.pid, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)  # each worker leads its own session
                 except ProcessLookupError:
                     pass
-                handler.proc.wait()
 
 
 def quiet_agent() -> None:
-    """Silence the agent's own log lines (each of its modules sets its logger's level): the
+    """Silence the launcher's own log lines (each of its modules sets its logger's level): the
     launcher says what happened, with the failing rank's own lines."""
     for name, logger in logging.root.manager.loggerDict.items():
-        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+        if name.startswith("torch.distributed.") and isinstance(logger, logging.Logger):
             logger.setLevel(logging.CRITICAL)
 
 
-def run_workers(nproc: int, args: list[str], *, max_restarts: int, stop_timeout: int, on_restart: Callable) -> Outcome:
-    """Run `python <args>` as `nproc` workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... set by the
-    agent) until they all end; `on_restart(failure, restart, max_restarts)` before each restart."""
-    quiet_agent()
-    # Each attempt gets a fresh store hosted by its rank 0: on the agent's shared store, a
-    # restarted rank 1 read rank 0's gloo address of the previous attempt (connection refused).
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    rendezvous = RendezvousParameters(
-        backend="c10d", endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, min_nodes=1, max_nodes=1
-    )
-    spec = WorkerSpec(
-        role="worker",
-        local_world_size=nproc,
-        entrypoint=sys.executable,
-        args=tuple(args),
-        rdzv_handler=get_rendezvous_handler(rendezvous),
-        max_restarts=max_restarts,
-        monitor_interval=0.1,
-    )
+def run_attempt(nproc: int, args: list[str], stop_timeout: int) -> tuple[list[WorkerExit], str]:
+    """One start of `python <args>` as `nproc` workers, until all have ended: how each ended, and
+    the signal the launcher received (forwarded to the workers), if any."""
+    run_id = uuid.uuid4().hex
     handlers = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    codes: dict[int, int] = {}
     stopped_by = ""
-    with TemporaryDirectory(prefix="lsa-agent-") as tmp:
-        agent = _Agent(spec, tmp, stop_timeout, on_restart)
+    with TemporaryDirectory(prefix="lsa-agent-") as tmp, ExitWatch(run_id, nproc) as watch:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=run_id,
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",
+            max_restarts=0,
+            monitor_interval=0.1,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=tmp),
+            shutdown_timeout=stop_timeout,
+        )
         try:
-            agent.run()
+            elastic_launch(config, sys.executable)(*args)
+        except ChildFailedError as err:
+            codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
         except SignalException as err:
             stopped_by = signal.Signals(err.sigval).name
         finally:
-            agent.kill_leftovers()
+            watch.kill_leftovers()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            spec.rdzv_handler.shutdown()
-    return Outcome(agent.exits(), max(0, agent.attempts - 1), stopped_by)
+    now, finished = time.monotonic(), not codes and not stopped_by
+    exits = []
+    for rank in range(nproc):  # a rank the launcher stopped before it was seen to exit is left out
+        if rank in watch.exits:
+            exits.append(watch.exits[rank])
+        elif rank in codes or finished:
+            exits.append(WorkerExit(rank, codes.get(rank, EXIT_OK), now))
+    return exits, stopped_by
+
+
+def run_workers(nproc: int, args: list[str], *, max_restarts: int, stop_timeout: int, on_restart: Callable) -> Outcome:
+    """Run `python <args>` as `nproc` workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ... set by
+    torch's launcher) until they all end, restarting them after a crash up to `max_restarts`
+    times; `on_restart(failure, restart, max_restarts)` before each restart."""
+    quiet_agent()
+    restarts = 0
+    while True:
+        os.environ[RESTART_ENV] = str(restarts)
+        exits, stopped_by = run_attempt(nproc, args, stop_timeout)
+        outcome = Outcome(exits, restarts, stopped_by)
+        failed = outcome.failures()
+        # a requested stop, or bad input first: neither would go better on a restart
+        if stopped_by or not failed or failed[0].code == EXIT_BAD_INPUT or restarts >= max_restarts:
+            return outcome
+        restarts += 1
+        on_restart(failed[0], restarts, max_restarts)
 
 
 class Echo:

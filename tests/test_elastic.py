@@ -1,40 +1,99 @@
-"""The private parts of torch's elastic agent that lsa_dist.elastic relies on, pinned: a torch
-upgrade that renames or reshapes any of them fails here, loudly and by name, instead of silently
-changing how the local launcher restarts, stops or reports its workers.
-
-torch's public launcher API (`torch.distributed.launcher.api.elastic_launch`, what
-`torch.distributed.run` uses) has no way to: refuse a restart after a worker's own verdict (exit 2,
-bad input, or 3, a requested stop: both would only repeat), call back before each restart (to say
-which rank failed and why), give each worker's exit to better than the monitor's poll (its
-ProcessFailure timestamps have whole seconds, so the first rank to fail cannot be told from those it
-took down), or keep a rank's log file across attempts (its redirects truncate per attempt)."""
+"""The local launcher's restart loop on torch's public elastic launcher, with real worker
+processes (small Python scripts, no training): which exits restart the workers, which rank is
+named as the first to fail, what a restarted worker is told, and a forwarded SIGTERM."""
 
 from __future__ import annotations
 
-import inspect
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
 
-from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
-from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+from lsa_dist.cli import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_STOPPED
+from lsa_dist.elastic import run_workers
 
-from lsa_dist.elastic import _Agent
+# Each worker appends "<rank> <restart count>" to a file, then ends as its rank's line says.
+WORKER = """
+import os, signal, sys, time
+rank, restart = int(os.environ["RANK"]), os.environ["LSA_RESTART_COUNT"]
+with open(sys.argv[1], "a") as f:
+    f.write(f"{rank} {restart}\\n")
+plan = dict(line.split(":", 1) for line in sys.argv[2].split(";"))
+action = plan.get(str(rank), "exit 0").split()
+if action[0] == "sleep":  # through the launcher's SIGTERM, as a rank busy in a collective
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(float(action[1]))
+    sys.exit(int(action[2]))
+if action[0] == "kill":
+    time.sleep(float(action[1]))
+    os.kill(os.getpid(), signal.SIGKILL)
+if action[0] == "wait-term-forever":
+    time.sleep(60)
+if action[0] == "wait-term":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+    time.sleep(60)
+sys.exit(int(action[1]))
+"""
 
 
-def test_the_agent_hooks_lsa_dist_overrides_still_exist_with_their_signatures() -> None:
-    for name in ("_start_workers", "_monitor_workers"):
-        theirs = inspect.signature(getattr(LocalElasticAgent, name))
-        assert list(theirs.parameters) == ["self", "worker_group"], f"LocalElasticAgent.{name} changed: {theirs}"
-        assert name in vars(_Agent), f"lsa_dist.elastic._Agent no longer overrides {name}"
+def launch(tmp_path: Path, plan: str, nproc: int = 2, max_restarts: int = 0) -> tuple[object, list[tuple], list[str]]:
+    script, starts = tmp_path / "worker.py", tmp_path / "starts.txt"
+    script.write_text(WORKER)
+    restarts: list[tuple] = []
+    outcome = run_workers(
+        nproc,
+        [str(script), str(starts), plan],
+        max_restarts=max_restarts,
+        stop_timeout=10,
+        on_restart=lambda failure, n, most: restarts.append((failure, n, most)),
+    )
+    return outcome, restarts, sorted(starts.read_text().split("\n")[:-1]) if starts.exists() else []
 
 
-def test_restarts_are_still_counted_down_in_remaining_restarts() -> None:
-    """_Agent sets _remaining_restarts to 0 to refuse a restart; the agent's loop must still read it."""
-    loop = inspect.getsource(SimpleElasticAgent._invoke_run)
-    assert "self._remaining_restarts > 0" in loop and "self._remaining_restarts -= 1" in loop
+def test_a_crash_restarts_every_worker_up_to_the_limit_and_each_start_is_counted(tmp_path: Path) -> None:
+    outcome, restarts, starts = launch(tmp_path, "1:exit 1", max_restarts=2)
+    assert starts == ["0 0", "0 1", "0 2", "1 0", "1 1", "1 2"]
+    assert [(f.rank, f.code, n, most) for f, n, most in restarts] == [(1, 1, 1, 2), (1, 1, 2, 2)]
+    assert outcome.restarts == 2 and [(e.rank, e.code) for e in outcome.failures()] == [(1, EXIT_CRASH)]
 
 
-def test_worker_processes_are_still_reachable_through_the_process_context() -> None:
-    """_Agent reads each worker's exit code from _pcontext.subprocess_handlers[rank].proc."""
-    assert "self._pcontext" in inspect.getsource(LocalElasticAgent.__init__)
-    source = inspect.getsource(SubprocessContext)
-    assert "self.subprocess_handlers" in source and "handler.proc" in source
+def test_bad_input_is_not_restarted(tmp_path: Path) -> None:
+    outcome, restarts, starts = launch(tmp_path, f"0:exit {EXIT_BAD_INPUT}", max_restarts=3)
+    assert restarts == [] and starts == ["0 0", "1 0"]
+    assert outcome.failures()[0].code == EXIT_BAD_INPUT
+
+
+def test_the_first_rank_to_fail_is_named_even_within_the_same_second(tmp_path: Path) -> None:
+    """Rank 2 is killed at once; the launcher then stops rank 1 (SIGTERM); rank 0 crashes 0.3 s
+    later, as a rank whose peer has gone does. Ordered by exit time, not by rank."""
+    outcome, _, _ = launch(tmp_path, "0:sleep 0.5 1;2:kill 0.2;1:wait-term-forever", nproc=3)
+    failed = outcome.failures()
+    assert [(e.rank, e.code) for e in failed] == [(2, -signal.SIGKILL), (1, -signal.SIGTERM), (0, EXIT_CRASH)]
+    assert failed[2].at - failed[0].at > 0.2
+
+
+def test_a_finished_run_and_a_requested_stop_are_not_failures(tmp_path: Path) -> None:
+    done, _, _ = launch(tmp_path, "0:exit 0", max_restarts=1)
+    assert done.failures() == [] and not done.stopped and [e.code for e in done.exits] == [0, 0]
+    stopped, restarts, _ = launch(tmp_path, f"0:exit {EXIT_STOPPED};1:exit {EXIT_STOPPED}", max_restarts=1)
+    assert stopped.stopped and restarts == []
+
+
+def test_the_launchers_sigterm_reaches_the_workers_and_nothing_restarts(tmp_path: Path) -> None:
+    starts = tmp_path / "starts.txt"
+
+    def terminate_once_both_started() -> None:
+        while not starts.exists() or len(starts.read_text().split()) < 4:
+            time.sleep(0.05)
+        time.sleep(0.5)  # their SIGTERM handlers are set
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_once_both_started, daemon=True)
+    sender.start()
+    outcome, restarts, _ = launch(tmp_path, "0:wait-term;1:wait-term", max_restarts=2)
+    sender.join()
+    assert outcome.launcher_signal == "SIGTERM" and restarts == []
+    assert outcome.stopped and [e.code for e in outcome.exits] == [EXIT_STOPPED, EXIT_STOPPED]
+    assert signal.getsignal(signal.SIGTERM) is not None and sys.exc_info() == (None, None, None)
