@@ -25,9 +25,9 @@ from .plan import (
     config_changes,
     lineage_conflict,
     plan_resume,
+    read_parts,
     set_aside,
     take_lineage,
-    unreadable_part,
 )
 from .reshard import Here, continue_layout, to_universal
 from .restore import Restored, load_with_fallback, restore
@@ -44,9 +44,9 @@ __all__ = [
     "lineage_conflict",
     "load_with_fallback",
     "plan_resume",
+    "read_parts",
     "restore",
     "set_aside",
     "take_lineage",
     "to_universal",
-    "unreadable_part",
 ]

@@ -62,48 +62,70 @@ def plan_resume(cfg: RunConfig, world_size: int, dataset_sha256: str = "", resta
         older = [c for c in checkpoints_of(run_dir).complete() if c.name < requested.name]
         candidates += reversed(older)
     for candidate in candidates:
-        fault = unreadable_part(candidate)
-        if not fault:
+        try:
+            parts = read_parts(candidate)
             break
-        if not own:
-            raise CheckpointError(f"cannot load checkpoint {candidate}: {fault}")
-        plan.passed_over.append((candidate, fault))
+        except UnreadablePartError as err:
+            if not own:
+                raise CheckpointError(f"cannot load checkpoint {candidate}: {err}") from None
+            plan.passed_over.append((candidate, str(err)))
     else:
         return plan  # nothing readable left: a new run, after the warnings
     plan.folder = candidate
     plan.fallbacks = candidates[candidates.index(candidate) + 1 :]
-    meta = read_meta(candidate)
+    meta = parts.meta
     plan.saved_world_size = int(meta.get("world_size", 1))
-    plan.accepted = check_compatible(candidate, flatten(cfg), dataset_sha256, cfg.train.accept_changes)
+    plan.accepted = check_compatible(candidate, flatten(cfg), dataset_sha256, cfg.train.accept_changes, parts)
     plan.run_id = meta.get("run_id", "") if own else ""
     return plan
 
 
-def unreadable_part(folder: Path) -> str:
-    """'' if the checkpoint's meta.json, config.yaml and RNG files can be read; else which part
-    cannot and why. (Engine files are vetted and read when they are loaded.)"""
+class UnreadablePartError(CheckpointError):
+    """A part of a checkpoint cannot be read; the message names the part and why."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A checkpoint's meta.json and config.yaml, parsed, its RNG files seen to exist. (Engine
+    files are vetted and read when they are loaded.)"""
+
+    meta: dict[str, Any]
+    config: dict[str, Any]
+
+
+def read_parts(folder: Path) -> Parts:
+    """The parts of `folder` a resume plan reads, each read once; UnreadablePartError naming the first
+    part that cannot be read."""
     import yaml
 
     try:
         meta = json.loads((folder / META).read_text())
     except FileNotFoundError:
-        return f"{META} is missing"
+        raise UnreadablePartError(f"{META} is missing") from None
     except (OSError, ValueError) as err:
-        return f"{META} is corrupt ({first_line(err)})"
+        raise UnreadablePartError(f"{META} is corrupt ({first_line(err)})") from None
     if not isinstance(meta, dict):
-        return f"{META} holds no record"
-    config = folder / "config.yaml"
-    if not config.is_file():
-        return "config.yaml is missing"
+        raise UnreadablePartError(f"{META} holds no record")
+    if not (folder / "config.yaml").is_file():
+        raise UnreadablePartError("config.yaml is missing")
     try:
-        if not isinstance(yaml.safe_load(config.read_text()), dict):
-            return "config.yaml holds no config"
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        return f"config.yaml is corrupt ({first_line(err)})"
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UnreadablePartError(f"config.yaml is corrupt ({first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise UnreadablePartError("config.yaml holds no config")
     for rank in range(int(meta.get("world_size", 1))):
         if not (folder / "rng" / f"rank{rank}.pt").is_file():
-            return f"rng/rank{rank}.pt is missing"
-    return ""
+            raise UnreadablePartError(f"rng/rank{rank}.pt is missing")
+    return Parts(meta, config)
+
+
+def parts_of(folder: Path) -> Parts:
+    """read_parts, its error naming the checkpoint (for a checkpoint that is not a fall-back)."""
+    try:
+        return read_parts(folder)
+    except UnreadablePartError as err:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {err}") from None
 
 
 def take_lineage(plan: ResumePlan, run_dir: Path, say: Callable[[str], None] = logger.info) -> None:
@@ -191,28 +213,29 @@ def set_aside(run_dir: Path, folders: list[Path], why: dict[str, str] | None = N
     return target
 
 
-def config_changes(folder: Path, new: dict[str, Any], dataset_sha256: str) -> dict[str, tuple[Any, Any]]:
-    """What a resume from `folder` would change of the run's mathematics: the keys the schema
-    marks as such whose value differs between the checkpoint's config and `new` (a flat config),
-    and "dataset" when the dataset.json checksum differs (data.root itself may move)."""
-    import yaml
-
-    fault = unreadable_part(folder)
-    if fault.startswith("config.yaml"):
-        raise CheckpointError(f"cannot load checkpoint {folder}: {fault}")
-    old = flatten_tree(yaml.safe_load((Path(folder) / "config.yaml").read_text()))
+def config_changes(
+    folder: Path, new: dict[str, Any], dataset_sha256: str, parts: Parts | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """What a resume from `folder` (its `parts`, if already read) would change of the run's
+    mathematics: the keys the schema marks as such whose value differs between the checkpoint's
+    config and `new` (a flat config), and "dataset" when the dataset.json checksum differs
+    (data.root itself may move)."""
+    parts = parts or parts_of(folder)
+    old = flatten_tree(parts.config)
     keys = sorted(k for k in set(old) | set(new) if is_math_key(k))
     changes = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
-    saved_sha = read_meta(folder).get("dataset_sha256", "")
+    saved_sha = parts.meta.get("dataset_sha256", "")
     if saved_sha and dataset_sha256 and saved_sha != dataset_sha256:
         changes["dataset"] = (saved_sha[:12], dataset_sha256[:12])
     return changes
 
 
-def check_compatible(folder: Path, new: dict[str, Any], dataset_sha256: str, accepted: list[str]) -> list[str]:
+def check_compatible(
+    folder: Path, new: dict[str, Any], dataset_sha256: str, accepted: list[str], parts: Parts | None = None
+) -> list[str]:
     """CheckpointError naming the changed keys unless train.accept_changes lists each of them
     (a key, or its section: "optim"). Returns the accepted changed keys."""
-    changes = config_changes(folder, new, dataset_sha256)
+    changes = config_changes(folder, new, dataset_sha256, parts)
 
     def ok(key: str) -> bool:
         return any(key == a or key.startswith(a.rstrip(".") + ".") for a in accepted)
