@@ -3,7 +3,9 @@ stop at the same step.
 
 SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 (SLURM's warning before preemption or the time
 limit, through submitit) set a flag; the trainer checkpoints at the next step boundary (an
-evaluation under way is cut short) and ends with exit code 3.
+evaluation under way is cut short) and ends with exit code 3. The processes a worker starts
+(loader workers, shard readers) ignore these signals, which clusters send to all of a job's
+processes at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# For a shell that starts a shard reader: ignored, and so ignored by the commands it runs.
+SHELL_IGNORES_STOP_SIGNALS = "trap '' TERM INT HUP USR1 USR2"
+
+
+def ignore_stop_signals() -> None:
+    """In a helper process of a worker (a loader worker): the stop signals are ignored, here and
+    in what it starts (shard readers). Schedulers signal every process of a job (a process
+    group, a SLURM step); only the training process decides how to stop, and a helper killed
+    by the signal would crash the step it serves instead of letting it checkpoint."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopVote:

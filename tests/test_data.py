@@ -521,6 +521,67 @@ def test_pipe_urls_read_the_same_samples(demo_shards: Path) -> None:
     assert epoch_keys(local, 0) == epoch_keys(piped, 0)
 
 
+# A training process's stand-in: stop signals set a flag (as lsa_dist.stop does), every batch of
+# the epoch is read, "first" printed after the first one; then the count, and whether asked to stop.
+GROUP_READER = """
+import signal, sys
+from lsa_dist.config import DataConfig
+from lsa_dist.data import build_loader
+asked = []
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, lambda n, _: asked.append(n))
+cfg = DataConfig(root=sys.argv[1], urls=sys.argv[2], num_workers=int(sys.argv[3]), batch_size=16, image_size=32)
+n = 0
+for _ in build_loader(cfg, "val", 0, 1, train=False).epoch(0):
+    n += 1
+    if n == 1:
+        print("first", flush=True)
+print(n, asked, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def shard_server(demo_shards: Path):
+    """The demo shards over http on a free local port (in this process, outside the reader's group)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(demo_shards))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("reader", ["pipe", "http"])
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_whole_process_group_kills_no_loader_worker_or_shard_reader(
+    demo_shards: Path, shard_server: str, tmp_path: Path, reader: str, workers: int, sig: int
+) -> None:
+    """Schedulers signal every process of a job (killpg; a SLURM step): loader workers and the
+    shell and curl reading a shard survive it, so the training process alone decides to stop."""
+    slow = f"pipe:sleep 0.3; cat {demo_shards}/wds/{{shard}}"  # each shard read takes a while
+    urls = slow if reader == "pipe" else f"{shard_server}/wds/{{shard}}"
+    script = tmp_path / "reader.py"
+    script.write_text(GROUP_READER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(demo_shards), urls, str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "first\n", proc.communicate()
+    os.killpg(proc.pid, sig)  # a shard is being read: the second one at least is still to come
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip() == f"23 [{int(sig)}]"  # 359 images in batches of 16, every one read
+
+
 # -- errors before training -----------------------------------------------------------------
 
 

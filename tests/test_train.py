@@ -166,9 +166,9 @@ def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tup
         assert evals and all(0 <= r["val_ema/top1"] <= 100 and "val_ema/loss" in r for r in evals)
 
 
-# the paper's recipe, with a loader worker (its augmentation in another process)
-# the paper's recipe with progressive resizing: epoch 0 trains at 24 px, epoch 1 at 32 (the model's
-# size), so a run resumed in epoch 0 goes through a size change
+# the paper's recipe with a loader worker (its augmentation in another process) and progressive
+# resizing: epoch 0 trains at 24 px, epoch 1 at 32 (the model's size), so a run resumed in epoch 0
+# goes through a size change
 PROGRESSIVE = ("data.progressive.start=24", "data.progressive.multiple=8", "data.progressive.last_epoch=1")
 INTERRUPTED = (
     "engine.zero_stage=2",
@@ -199,18 +199,22 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, uninterrupted: dict) -> None:
-    """SIGINT to the launcher mid-epoch: workers checkpoint and stop; the same command finishes."""
+    """SIGTERM to the launcher's whole process group mid-epoch (what `timeout`, systemd and
+    schedulers send), with a loader worker in every rank: the loader workers live on, the ranks
+    checkpoint and stop with exit 3; the same command finishes the run bit for bit."""
     cmd = local_command(tmp_path, "interrupted", demo_shards, "tracking.enabled=false", *INTERRUPTED)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     wait_for_step(tmp_path / "interrupted", 30, proc)
     # one owner per run: the same command again, while this one trains, is refused
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert "is in use by launch/local.py (host " in second.stderr and f"pid {proc.pid}, since " in second.stderr
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]
-    assert "stopped after checkpointing" in out
+    assert "stopped after checkpointing" in out and "DataLoader worker" not in out
     latest = CheckpointManager(tmp_path / "interrupted" / "checkpoints", 3, 0).latest()
     step = json.loads((latest / "meta.json").read_text())["step"]
     assert 30 <= step < 88 and step % 44 != 0, step  # mid-epoch

@@ -9,8 +9,10 @@ each worker's span up to where it stopped without decoding what it skips.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
+import multiprocessing
 import os
 import random
 import shlex
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
 from ..rng import seeded
+from ..stop import SHELL_IGNORES_STOP_SIGNALS, ignore_stop_signals
 from .dataset import DatasetError, DatasetInfo
 from .loader import EpochLoader
 from .plan import (
@@ -51,6 +54,18 @@ def shard_urls(info: DatasetInfo, split: str, template: str) -> list[str]:
         raise DatasetError(f"data.urls must contain '{{shard}}' where the shard name goes, got {template!r}")
     quote = shlex.quote if template.startswith("pipe:") else str
     return [template.replace("{shard}", quote(s.name)) for s in info.split(split).shards]
+
+
+def reader_command(url: str) -> str:
+    """What webdataset opens for `url`: a `pipe:` command, or an http(s) shard read with curl
+    (as webdataset itself would), run by a shell that ignores the stop signals, so that a
+    signal sent to every process of the job cannot kill a shard mid-read. Local files as given."""
+    if url.startswith("pipe:"):
+        return f"pipe:{SHELL_IGNORES_STOP_SIGNALS}; {url[len('pipe:') :]}"
+    if url.startswith(("http://", "https://")):
+        curl = "curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L"
+        return f"pipe:{SHELL_IGNORES_STOP_SIGNALS}; exec {curl} {shlex.quote(url)}"
+    return url
 
 
 class WebDatasetLoader(EpochLoader):
@@ -83,6 +98,9 @@ class WebDatasetLoader(EpochLoader):
         """
         self._batches_from(epoch, start_batch, layouts)
         if self._dataloader is None:
+            if self.num_workers:
+                atexit.unregister(_end_loader_workers)  # once, and after multiprocessing's: runs before it
+                atexit.register(_end_loader_workers)
             self._stream = _EpochStream(self)
             self._dataloader = DataLoader(
                 self._stream,
@@ -148,7 +166,9 @@ class WebDatasetLoader(EpochLoader):
         try:
             if int(wanted[0]) > 0 and os.path.isfile(url):
                 seen, source = _from_sample(url, int(wanted[0]))
-            for sample in source if source is not None else webdataset.tariterators.tarfile_samples([{"url": url}]):
+            if source is None:
+                source = webdataset.tariterators.tarfile_samples([{"url": reader_command(url)}])
+            for sample in source:
                 if seen in wanted_set:
                     yield sample
                 seen += 1
@@ -202,6 +222,17 @@ def _from_sample(path: str, index: int) -> tuple[int, Iterator[dict[str, Any]]]:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    ignore_stop_signals()
+
+
+def _end_loader_workers() -> None:
+    """At exit, before multiprocessing's own exit handler (atexit runs last-registered first):
+    that handler ends daemon children with SIGTERM and waits, and loader workers ignore SIGTERM.
+    They hold nothing to save, so the ones still there are killed."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
 
 
 MAX_LAYOUTS = 32
