@@ -11,21 +11,20 @@ The class index is the position of the wnid in the sorted list of training class
 Real folders hold more than images: names that are not UTF-8 or are too long for a tar
 header get a safe key (the original name is recorded), and what cannot be an image (a folder
 or a device named like one, a link that dangles, loops or leads out of the source folder) is
-listed with its reason in `ImageNetSource.rejected`, never read.
+listed with its reason in `ImageNetSource.rejected`, never read. Files whose keys would be
+equal (a.b.JPEG and a_b.JPEG, x.JPEG and x.png) all get unique keys, by rules that depend on the
+names only (keys.py), each renaming listed in `ImageNetSource.collisions`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
-import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .keys import sample_key, shown, unique_keys
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # WebDataset: no dots; tar: short ASCII names
 
 
 class SourceError(ValueError):
@@ -47,24 +46,7 @@ class ImageNetSource:
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     rejected: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split: path, reason
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # per split: key -> original name
-
-
-def shown(path: Path | str) -> str:
-    """A path as text that can always be printed and stored in JSON: bytes that are not UTF-8
-    appear as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def sample_key(path: Path) -> str:
-    """A WebDataset-safe key for a source file: its name without extension, dots replaced. A name
-    that is not plain ASCII letters, digits, '_' and '-' (or longer than 80) keeps its safe
-    characters and gets a digest of its bytes: unique, and traceable by `renamed`."""
-    stem = path.name.rsplit(".", 1)[0].replace(".", "_")
-    if SAFE_KEY.fullmatch(stem):
-        return stem
-    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60]
-    return f"{safe}-{digest}"
+    collisions: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split: path, key, reason
 
 
 def _images_in(folder: Path, root: Path, rejected: list[dict[str, str]]) -> list[Path]:
@@ -207,9 +189,8 @@ def scan_imagenet(
             samples = _flat_folder_samples(folder, labels_path, index, limit_per_class, root, rejected)
         if not samples:
             raise SourceError(f"{folder} contains no images")
-        duplicates = [k for k, n in Counter(s.key for s in samples).items() if n > 1]
-        if duplicates:
-            raise SourceError(f"{split}: two source files share the key {duplicates[0]!r}; keys must be unique")
+        keys, source.collisions[split] = unique_keys([(s.path, s.key) for s in samples], root)
+        samples = [replace(s, key=key) for s, key in zip(samples, keys)]
         source.splits[split] = samples
         source.renamed[split] = {s.key: shown(s.path.name) for s in samples if not s.path.name.startswith(s.key)}
     return source
