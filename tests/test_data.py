@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -275,6 +276,47 @@ def test_colliding_keys_get_unique_keys_whatever_the_listing_order(
     again = convert(awkward_source, tmp_path / "b", "wds", ("train",), options, workers=1)["splits"]["train"]
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in entry["shards"]]
     assert again["collisions"] == entry["collisions"] and again["renamed"] == entry["renamed"]
+
+
+def test_links_out_of_the_source_are_reported_and_skipped(awkward_source: Path, tmp_path: Path) -> None:
+    """A class folder or a file that is a link resolving outside --src is named with its target and
+    skipped (never read); links that stay inside the source are followed; the run does not abort."""
+    train = awkward_source / "train"
+    photo = (train / "n01" / "n01_3.JPEG").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "n03").mkdir(parents=True)
+    (elsewhere / "n03" / "secret.JPEG").write_bytes(photo)
+    (train / "n03").symlink_to(elsewhere / "n03", target_is_directory=True)  # a class folder outside
+    (awkward_source / "spare" / "n04").mkdir(parents=True)
+    (awkward_source / "spare" / "n04" / "n04_1.JPEG").write_bytes(photo)
+    (train / "n04").symlink_to(awkward_source / "spare" / "n04", target_is_directory=True)  # inside: followed
+    (train / "n05").symlink_to(train / "n03", target_is_directory=True)  # inside, but leads on to outside
+    (train / "n01" / "via.JPEG").symlink_to(train / "n03" / "secret.JPEG")  # the same, for a file
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(awkward_source), "--out", str(out)]
+        + ["--format", "wds", "--splits", "train", "--max-side", "128", "--min-side", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "dataset.json").read_text())
+    entry = manifest["splits"]["train"]
+    reasons = {s["path"]: s["reason"] for s in entry["skipped"]}
+    target = (elsewhere / "n03").resolve()
+    assert reasons[str(train / "n03")] == f"a link to outside the source folder ({target})"
+    assert reasons[str(train / "n05")] == f"a link to outside the source folder ({target})"
+    assert reasons[str(train / "n01" / "via.JPEG")] == f"a link to outside the source folder ({target / 'secret.JPEG'})"
+    assert not any("secret" in p for p in reasons)  # the files behind a skipped folder are never listed
+    keys = [key for key, _ in read_labels([str(p) for p in sorted((out / "wds").glob("*.tar"))])]
+    assert "n04_1" in keys and "secret" not in keys and entry["num_samples"] == 5 + 1
+    assert manifest["classes"] == ["n01", "n02", "n03", "n04", "n05"]  # labels do not shift when a link is skipped
+    assert f"{train / 'n03'}: a link to outside the source folder ({target})" in proc.stdout
+    # a split folder that leads outside cannot be skipped: the error names it and where it points
+    (awkward_source / "val").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SourceError, match=re.escape(f"{awkward_source / 'val'} is a link to outside the source")):
+        convert(awkward_source, tmp_path / "o2", "wds", ("train", "val"), ConvertOptions(max_side=128, min_side=0))
 
 
 def test_a_worker_killed_mid_conversion_fails_the_run_instead_of_hanging(demo_source: Path, tmp_path: Path) -> None:
