@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from lsa_dist.config import AugmentConfig, DataConfig, ProgressiveConfig
 from lsa_dist.data import PAD_LABEL, DatasetError, Layout, build_loader, load_dataset_info
 from lsa_dist.data.convert import ConversionError, ConvertOptions, convert, summary
 from lsa_dist.data.imagenet import SourceError
+from lsa_dist.data.keys import SAFE_KEY
 from lsa_dist.data.transforms import build_mixup, sample_transform
 from lsa_dist.data.wds import read_labels
 from lsa_dist.fs import sha256_file
@@ -227,6 +229,94 @@ def test_hostile_folders_convert_with_every_odd_file_reported(awkward_source: Pa
     (out / "dataset.json").unlink()
     with pytest.raises(ConversionError, match=r"converted with other options \(jpeg_quality 90 -> 80\)"):
         convert(awkward_source, out, "wds", ("train",), dataclasses.replace(options, jpeg_quality=80))
+
+
+def test_colliding_keys_get_unique_keys_whatever_the_listing_order(
+    awkward_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that would share a sample key (a.b.JPEG beside a_b.JPEG, x.JPEG beside x.png, one name
+    in two class folders) are all converted under unique keys, the same for the same tree whatever
+    order the folders are listed in; the renaming is reported and the .beton holds the same samples."""
+    pytest.importorskip("ffcv")
+    from lsa_dist.data.ffcv import beton_labels
+
+    n01, n02 = awkward_source / "train" / "n01", awkward_source / "train" / "n02"
+    photo = (n01 / "n01_3.JPEG").read_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(png, format="PNG")
+    for path in (n01 / "a.b.JPEG", n01 / "a_b.JPEG", n01 / "x.JPEG", n02 / "x.JPEG", n02 / "a.b.jpg"):
+        path.write_bytes(photo)
+    (n01 / "x.png").write_bytes(png.getvalue())
+    options = ConvertOptions(max_side=128, min_side=0, samples_per_shard=4)
+    manifest = convert(awkward_source, tmp_path / "a", "both", ("train",), options, workers=1)
+    entry = manifest["splits"]["train"]
+    assert entry["num_samples"] == 5 + 6 and not any("key" in s["reason"] for s in entry["skipped"])
+    shards = [str(tmp_path / "a" / "wds" / s["name"]) for s in entry["shards"]]
+    labelled = read_labels(shards)
+    keys = [key for key, _ in labelled]
+    assert len(keys) == len(set(keys)) == 11 and all(SAFE_KEY.fullmatch(k) for k in keys)
+    assert {"a_b", "x"} <= set(keys)  # the file whose name is the key keeps it; ties go by name
+    collisions = {c["path"]: c for c in entry["collisions"]}
+    assert sorted(Path(p).relative_to(awkward_source).as_posix() for p in collisions) == [
+        "train/n01/a.b.JPEG",
+        "train/n01/x.png",
+        "train/n02/a.b.jpg",
+        "train/n02/x.JPEG",
+    ]
+    assert all(c["key"] in keys and entry["renamed"][c["key"]] == Path(p).name for p, c in collisions.items())
+    assert collisions[str(n01 / "x.png")]["reason"] == f"key 'x' is also that of {n01 / 'x.JPEG'}"
+    text = summary(manifest)
+    assert "renamed      4  key shared with another file" in text and f"{n01 / 'x.png'} -> " in text
+    # the .beton holds the shards' samples with their labels, in the same order
+    assert entry["ffcv"]["num_samples"] == 11
+    assert beton_labels(tmp_path / "a" / "ffcv" / "train.beton") == [label for _, label in labelled]
+    # the same tree listed in another order: the same keys and byte-identical shards
+    listed = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listed(self), reverse=True)))
+    again = convert(awkward_source, tmp_path / "b", "wds", ("train",), options, workers=1)["splits"]["train"]
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in entry["shards"]]
+    assert again["collisions"] == entry["collisions"] and again["renamed"] == entry["renamed"]
+
+
+def test_links_out_of_the_source_are_reported_and_skipped(awkward_source: Path, tmp_path: Path) -> None:
+    """A class folder or a file that is a link resolving outside --src is named with its target and
+    skipped (never read); links that stay inside the source are followed; the run does not abort."""
+    train = awkward_source / "train"
+    photo = (train / "n01" / "n01_3.JPEG").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "n03").mkdir(parents=True)
+    (elsewhere / "n03" / "secret.JPEG").write_bytes(photo)
+    (train / "n03").symlink_to(elsewhere / "n03", target_is_directory=True)  # a class folder outside
+    (awkward_source / "spare" / "n04").mkdir(parents=True)
+    (awkward_source / "spare" / "n04" / "n04_1.JPEG").write_bytes(photo)
+    (train / "n04").symlink_to(awkward_source / "spare" / "n04", target_is_directory=True)  # inside: followed
+    (train / "n05").symlink_to(train / "n03", target_is_directory=True)  # inside, but leads on to outside
+    (train / "n01" / "via.JPEG").symlink_to(train / "n03" / "secret.JPEG")  # the same, for a file
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), "--src", str(awkward_source), "--out", str(out)]
+        + ["--format", "wds", "--splits", "train", "--max-side", "128", "--min-side", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "dataset.json").read_text())
+    entry = manifest["splits"]["train"]
+    reasons = {s["path"]: s["reason"] for s in entry["skipped"]}
+    target = (elsewhere / "n03").resolve()
+    assert reasons[str(train / "n03")] == f"a link to outside the source folder ({target})"
+    assert reasons[str(train / "n05")] == f"a link to outside the source folder ({target})"
+    assert reasons[str(train / "n01" / "via.JPEG")] == f"a link to outside the source folder ({target / 'secret.JPEG'})"
+    assert not any("secret" in p for p in reasons)  # the files behind a skipped folder are never listed
+    keys = [key for key, _ in read_labels([str(p) for p in sorted((out / "wds").glob("*.tar"))])]
+    assert "n04_1" in keys and "secret" not in keys and entry["num_samples"] == 5 + 1
+    assert manifest["classes"] == ["n01", "n02", "n03", "n04", "n05"]  # labels do not shift when a link is skipped
+    assert f"{train / 'n03'}: a link to outside the source folder ({target})" in proc.stdout
+    # a split folder that leads outside cannot be skipped: the error names it and where it points
+    (awkward_source / "val").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SourceError, match=re.escape(f"{awkward_source / 'val'} is a link to outside the source")):
+        convert(awkward_source, tmp_path / "o2", "wds", ("train", "val"), ConvertOptions(max_side=128, min_side=0))
 
 
 def test_a_worker_killed_mid_conversion_fails_the_run_instead_of_hanging(demo_source: Path, tmp_path: Path) -> None:

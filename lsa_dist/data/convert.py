@@ -36,6 +36,7 @@ from ..fs import atomic_write_json, sha256_file
 from .dataset import DATASET_FILE, FORMAT_VERSION
 from .imagenet import Sample, scan_imagenet, shown
 from .images import BadImageError, process_image
+from .report import summary
 
 logger = logging.getLogger(__name__)
 FORMATS = ("wds", "ffcv", "both")
@@ -274,6 +275,7 @@ def convert(
         rejected = source.rejected.get(split, [])
         manifest["splits"][split] = _split_entry(records, len(source.splits[split]) + len(rejected), rejected)
         manifest["splits"][split]["renamed"] = source.renamed.get(split, {})
+        manifest["splits"][split]["collisions"] = source.collisions.get(split, [])
         if split == "train":
             manifest.update(_pixel_statistics(records))
     if formats in ("wds", "both"):
@@ -363,27 +365,6 @@ def _write_betons(manifest: dict[str, Any], out: Path, shard_dir: Path, options:
         target = out / "ffcv" / f"{split}.beton"
         info = write_beton(shards, target, options.jpeg_quality, workers)
         entry["ffcv"] = {"name": f"ffcv/{split}.beton", **info}
-
-
-def summary(manifest: dict[str, Any]) -> str:
-    """The closing report: converted, fixed and skipped files per split, with reasons."""
-    lines = []
-    for split, entry in manifest["splits"].items():
-        fixed = sum(entry["fixed"].values())
-        lines.append(
-            f"{split}: {entry['num_samples']} of {entry['num_source_files']} images converted "
-            f"into {len(entry['shards'])} shards, {fixed} fixed, {len(entry['skipped'])} skipped"
-        )
-        for kind, count in entry["fixed"].items():
-            lines.append(f"  fixed   {count:>6}  {kind}")
-        reasons = Counter(s["reason"] for s in entry["skipped"])
-        for reason, count in reasons.most_common():
-            lines.append(f"  skipped {count:>6}  {reason}")
-        for s in entry["skipped"][:10]:
-            lines.append(f"    {s['path']}: {s['reason']}")
-        if len(entry["skipped"]) > 10:
-            lines.append(f"    ... {len(entry['skipped']) - 10} more listed in dataset.json")
-    return "\n".join(lines)
 
 
 __all__ = [

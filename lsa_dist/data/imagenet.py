@@ -11,21 +11,21 @@ The class index is the position of the wnid in the sorted list of training class
 Real folders hold more than images: names that are not UTF-8 or are too long for a tar
 header get a safe key (the original name is recorded), and what cannot be an image (a folder
 or a device named like one, a link that dangles, loops or leads out of the source folder) is
-listed with its reason in `ImageNetSource.rejected`, never read.
+listed with its reason in `ImageNetSource.rejected`, never read; so is a class folder that is a
+link out of the source folder (a split folder that is one is refused). Files whose keys would be
+equal (a.b.JPEG and a_b.JPEG, x.JPEG and x.png) all get unique keys, by rules that depend on the
+names only (keys.py), each renaming listed in `ImageNetSource.collisions`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
-import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .keys import sample_key, shown, unique_keys
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")  # WebDataset: no dots; tar: short ASCII names
 
 
 class SourceError(ValueError):
@@ -47,24 +47,7 @@ class ImageNetSource:
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     rejected: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split: path, reason
     renamed: dict[str, dict[str, str]] = field(default_factory=dict)  # per split: key -> original name
-
-
-def shown(path: Path | str) -> str:
-    """A path as text that can always be printed and stored in JSON: bytes that are not UTF-8
-    appear as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def sample_key(path: Path) -> str:
-    """A WebDataset-safe key for a source file: its name without extension, dots replaced. A name
-    that is not plain ASCII letters, digits, '_' and '-' (or longer than 80) keeps its safe
-    characters and gets a digest of its bytes: unique, and traceable by `renamed`."""
-    stem = path.name.rsplit(".", 1)[0].replace(".", "_")
-    if SAFE_KEY.fullmatch(stem):
-        return stem
-    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60]
-    return f"{safe}-{digest}"
+    collisions: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per split: path, key, reason
 
 
 def _images_in(folder: Path, root: Path, rejected: list[dict[str, str]]) -> list[Path]:
@@ -82,20 +65,41 @@ def _images_in(folder: Path, root: Path, rejected: list[dict[str, str]]) -> list
     return images
 
 
+def _bad_link(path: Path, root: Path) -> str:
+    """Why the link `path` is not followed: it dangles, loops or leads out of `root` (a file
+    outside the source is not ImageNet's and may be anyone's). '' for a link that stays inside
+    and for what is not a link."""
+    if not path.is_symlink():
+        return ""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "a dangling or looping link"
+    if not target.is_relative_to(root.resolve()):
+        return f"a link to outside the source folder ({shown(target)})"
+    return ""
+
+
 def _not_an_image_file(path: Path, root: Path) -> str:
     """Why `path` cannot be read as an image file ('' if it can)."""
-    if path.is_symlink():
-        try:
-            target = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            return "a dangling or looping link"
-        if not target.is_relative_to(root.resolve()):
-            return f"a link to outside the source folder ({shown(target)})"
+    reason = _bad_link(path, root)
+    if reason:
+        return reason
     if path.is_dir():
         return "a folder named like an image"
     if not path.is_file():
         return "not a regular file (device, pipe or socket)"
     return ""
+
+
+def _refuse_bad_link(folder: Path, root: Path) -> None:
+    """A split folder that is a link out of `root` cannot be skipped like a file: say so."""
+    reason = _bad_link(folder, root)
+    if reason:
+        raise SourceError(
+            f"{shown(folder)} is {reason}; only what is inside --src is read: pass as --src a folder "
+            "that holds the split folders themselves"
+        )
 
 
 def read_synset_mapping(path: Path) -> dict[str, str]:
@@ -131,9 +135,13 @@ def read_val_solution(path: Path) -> dict[str, str]:
 def _class_folder_samples(
     class_dirs: list[Path], index: dict[str, int], limit: int | None, root: Path, rejected: list[dict[str, str]]
 ) -> list[Sample]:
-    """<split>/<wnid>/*.JPEG"""
+    """<split>/<wnid>/*.JPEG; a class folder that is a link out of `root` is reported, not read."""
     samples: list[Sample] = []
     for class_dir in class_dirs:
+        reason = _bad_link(class_dir, root)
+        if reason:
+            rejected.append({"path": shown(class_dir), "reason": reason})
+            continue
         if class_dir.name not in index:
             raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the training classes")
         files = _images_in(class_dir, root, rejected)[:limit]
@@ -186,6 +194,8 @@ def scan_imagenet(
     train = root / "train"
     if not train.is_dir():
         raise SourceError(f"{root} has no train/ folder: the class list comes from train/<wnid>/ folders")
+    _refuse_bad_link(train, root)
+    # a class folder that is skipped (a link out of the source) keeps its index: labels never shift
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     if not classes:
         raise SourceError(f"{train} has no class folders (expected train/<wnid>/*.JPEG)")
@@ -198,6 +208,7 @@ def scan_imagenet(
         folder = root / split
         if not folder.is_dir():
             raise SourceError(f"{root} has no {split}/ folder")
+        _refuse_bad_link(folder, root)
         rejected = source.rejected.setdefault(split, [])
         class_dirs = [p for p in folder.iterdir() if p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES]
         if class_dirs:
@@ -207,9 +218,8 @@ def scan_imagenet(
             samples = _flat_folder_samples(folder, labels_path, index, limit_per_class, root, rejected)
         if not samples:
             raise SourceError(f"{folder} contains no images")
-        duplicates = [k for k, n in Counter(s.key for s in samples).items() if n > 1]
-        if duplicates:
-            raise SourceError(f"{split}: two source files share the key {duplicates[0]!r}; keys must be unique")
+        keys, source.collisions[split] = unique_keys([(s.path, s.key) for s in samples], root)
+        samples = [replace(s, key=key) for s, key in zip(samples, keys)]
         source.splits[split] = samples
         source.renamed[split] = {s.key: shown(s.path.name) for s in samples if not s.path.name.startswith(s.key)}
     return source
