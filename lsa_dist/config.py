@@ -74,6 +74,9 @@ class DataConfig:
     num_workers: int = knob(4, interval="[0, inf)")
     shuffle_buffer: int = knob(2000, interval="[0, inf)", math=True)
     check_checksums: bool = False  # re-hash every data file before training (slow on ImageNet)
+    # samples that cannot be decoded are skipped and named; more than this in one pass over an
+    # epoch on one rank stops the run (exit 2)
+    max_bad_samples: int = knob(100, interval="[0, inf)")
     # imagenet: the mean/std the paper's (and timm's, DeiT's) models were trained with;
     # dataset: the ones measured on the converted pixels (dataset.json), for other kinds of images
     normalize: str = knob("imagenet", choices=("imagenet", "dataset"), math=True)

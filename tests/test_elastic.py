@@ -31,6 +31,11 @@ if action[0] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if action[0] == "wait-term-forever":
     time.sleep(60)
+if action[0] == "stop":  # as a rank stopping on request: SIGTERM from the launcher is a stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+    while len(open(sys.argv[1]).read().split()) < 2 * int(os.environ["WORLD_SIZE"]):
+        time.sleep(0.01)
+    sys.exit(3)
 if action[0] == "wait-term":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
     time.sleep(60)
@@ -39,6 +44,7 @@ sys.exit(int(action[1]))
 
 
 def launch(tmp_path: Path, plan: str, nproc: int = 2, max_restarts: int = 0) -> tuple[object, list[tuple], list[str]]:
+    tmp_path.mkdir(exist_ok=True)
     script, starts = tmp_path / "worker.py", tmp_path / "starts.txt"
     script.write_text(WORKER)
     restarts: list[tuple] = []
@@ -75,9 +81,9 @@ def test_the_first_rank_to_fail_is_named_even_within_the_same_second(tmp_path: P
 
 
 def test_a_finished_run_and_a_requested_stop_are_not_failures(tmp_path: Path) -> None:
-    done, _, _ = launch(tmp_path, "0:exit 0", max_restarts=1)
+    done, _, _ = launch(tmp_path / "done", "0:exit 0", max_restarts=1)
     assert done.failures() == [] and not done.stopped and [e.code for e in done.exits] == [0, 0]
-    stopped, restarts, _ = launch(tmp_path, f"0:exit {EXIT_STOPPED};1:exit {EXIT_STOPPED}", max_restarts=1)
+    stopped, restarts, _ = launch(tmp_path / "stopped", "0:stop;1:stop", max_restarts=1)
     assert stopped.stopped and restarts == []
 
 

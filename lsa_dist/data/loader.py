@@ -8,13 +8,42 @@ an earlier layout consumed (`_consumed`).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from ..config import DataConfig
+from .dataset import DatasetError
 from .plan import Layout, batches_per_rank, rank_span, remaining_sequence
 from .transforms import ModelInput
+
+logger = logging.getLogger(__name__)
+
+
+class SkippedSamples:
+    """Samples a loader leaves out because they cannot be decoded: each named in a warning
+    (shard, key, why), counted in each pass over an epoch, and the run stopped with a one-line
+    DatasetError (exit 2) once a pass skips more than `ceiling` on this rank. A few bad files
+    must not end a week-long run; a broken dataset must."""
+
+    def __init__(self, ceiling: int, what: str, rank: int) -> None:
+        self.ceiling, self.what, self.rank = ceiling, what, rank
+        self.epoch, self.count = 0, 0
+
+    def start(self, epoch: int) -> None:
+        """A pass over `epoch` begins (a training epoch, or its resumed rest; an evaluation)."""
+        self.epoch, self.count = epoch, 0
+
+    def note(self, shard: str, key: str, why: str) -> None:
+        self.count += 1
+        where = f"{self.what} epoch {self.epoch} on rank {self.rank}"
+        logger.warning(f"skipped sample {key} of {shard}: it cannot be decoded ({why}); {self.count} in {where}")
+        if self.count > self.ceiling:
+            raise DatasetError(
+                f"{self.count} samples skipped in {where}, more than data.max_bad_samples={self.ceiling} (last: "
+                f"{key} of {shard}: {why}); repair or re-convert the shards, or raise data.max_bad_samples"
+            )
 
 
 class EpochLoader:
@@ -38,6 +67,7 @@ class EpochLoader:
         self.num_batches = batches_per_rank(num_samples, world_size, self.batch_size, train)
         self.to_model_input = ModelInput(mean, std, cfg.augment, train)
         self._sequence: tuple[tuple, np.ndarray] | None = None  # sequence()'s last (key, answer)
+        self.skipped = SkippedSamples(cfg.max_bad_samples, "training" if train else "evaluation", rank)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -25,6 +25,7 @@ import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from ..redact import first_line
 from ..rng import seeded
 from ..stop import SHELL_IGNORES_STOP_SIGNALS, ignore_stop_signals
 from .dataset import DatasetError, DatasetInfo
@@ -112,7 +113,11 @@ class WebDatasetLoader(EpochLoader):
                 persistent_workers=self.num_workers > 0,  # the workers live across epochs and evaluations
             )
         self._stream.plan.set(epoch, start_batch, return_keys, layouts)  # read by each worker as the epoch starts
-        yield from self._dataloader
+        self.skipped.start(epoch)
+        for *batch, bad in self._dataloader:
+            for shard, key, why in bad:
+                self.skipped.note(shard, key, why)
+            yield tuple(batch)
 
     # -- the epoch's plan -------------------------------------------------------------------
     def _consumed(self, epoch: int, sequence: np.ndarray, k: int, layout: Layout, rank: int) -> np.ndarray:
@@ -170,6 +175,7 @@ class WebDatasetLoader(EpochLoader):
                 source = webdataset.tariterators.tarfile_samples([{"url": reader_command(url)}])
             for sample in source:
                 if seen in wanted_set:
+                    sample["__url__"] = url  # as configured (a reader's command is wrapped)
                     yield sample
                 seen += 1
                 if seen > last:
@@ -188,19 +194,44 @@ class WebDatasetLoader(EpochLoader):
         return self._transforms[size]
 
     def make_batch(self, samples: list[dict[str, Any] | None], return_keys: bool = False, epoch: int = 0) -> tuple:
-        images, labels, keys = [], [], []
+        """(images, labels[, keys], bad): a sample that cannot be decoded is left out, its place
+        taken by a copy of another of the batch when training (the batch keeps its size) or by
+        padding when evaluating (not scored); `bad` lists (shard, key, why) for each."""
+        images, labels, keys, bad = [], [], [], []
         size, transform = self.image_size(epoch), self.transform(epoch)
         for sample in samples:
-            if sample is None:
+            image = None
+            if sample is not None:
+                try:
+                    image = transform(sample["jpg"])
+                except Exception as err:  # noqa: BLE001 - any decoder's error: the file is bad, not the run
+                    bad.append((sample.get("__url__", "?"), sample["__key__"], first_line(err)))
+            if image is None:
                 images.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 labels.append(PAD_LABEL)
                 keys.append("")
                 continue
-            images.append(transform(sample["jpg"]))
+            images.append(image)
             labels.append(int(sample["cls"]))
             keys.append(sample["__key__"])
+        if bad and self.train:
+            if len(bad) == len(samples):
+                shard, key, why = bad[0]
+                raise DatasetError(f"no sample of a training batch can be decoded (first: {key} in {shard}: {why})")
+            _fill_from_neighbours(images, labels, keys)
         batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
-        return (*batch, keys) if return_keys else batch
+        return (*batch, keys, bad) if return_keys else (*batch, bad)
+
+
+def _fill_from_neighbours(images: list, labels: list[int], keys: list[str]) -> None:
+    """Training: each padded place (a bad sample) takes a copy of the nearest good sample
+    before it (after it, at the start of the batch), so the batch keeps its size (mixup pairs
+    samples) and is the same whenever it is read."""
+    good = [i for i, label in enumerate(labels) if label != PAD_LABEL]
+    for i, label in enumerate(labels):
+        if label == PAD_LABEL:
+            source = max((g for g in good if g < i), default=good[0])
+            images[i], labels[i], keys[i] = images[source], labels[source], keys[source]
 
 
 def _from_sample(path: str, index: int) -> tuple[int, Iterator[dict[str, Any]]]:
