@@ -240,7 +240,9 @@ class Trainer:
         s.eval_pending = s.epoch % cfg.train.eval_every == 0 or s.epoch == cfg.optim.epochs
         size = cfg.data.train_size(s.epoch - 1)  # data.progressive: the size this epoch trained at
         loss = self.telemetry.epoch.mean_loss()
-        self._epoch_metrics({"train/epoch_loss": loss, "epoch": s.epoch, "train/image_size": size})
+        (skipped,) = D.all_reduce_sum([self.data.train_loader.skipped.count], self.device)
+        metrics = {"train/epoch_loss": loss, "epoch": s.epoch, "train/image_size": size}
+        self._epoch_metrics({**metrics, "data/skipped_samples": skipped})
         self.checkpoint("epoch_end")
 
     def _epoch_metrics(self, metrics: dict[str, float]) -> None:

@@ -672,6 +672,48 @@ def test_a_stop_signal_to_the_whole_process_group_kills_no_loader_worker_or_shar
     assert out.strip() == f"23 [{int(sig)}]"  # 359 images in batches of 16, every one read
 
 
+def spoil_jpeg(shard: Path, index: int) -> str:
+    """Overwrite the JPEG of the shard's `index`-th sample with garbage of the same size (the
+    tar stays valid); returns the sample's key."""
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][index]
+    with shard.open("r+b") as f:
+        f.seek(member.offset_data)
+        f.write(np.random.default_rng(0).integers(0, 256, member.size, dtype=np.uint8).tobytes())
+    return member.name.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_jpeg_is_skipped_named_and_counted_and_too_many_stop_the_run(
+    shards_copy: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage in place of one training and one validation JPEG (checksums off): training
+    batches keep their size (a neighbour's copy takes the place), evaluation scores one image
+    fewer, each bad sample is named once in a warning; with data.max_bad_samples=0 the run stops
+    in one line naming the shard and key."""
+    train_key = spoil_jpeg(shards_copy / "wds" / "train-000001.tar", 5)
+    val_key = spoil_jpeg(shards_copy / "wds" / "val-000000.tar", 7)
+    cfg = data_cfg(shards_copy, num_workers=workers, augment=AugmentConfig(recipe="imagenet", mixup=0.8))
+    train = build_loader(cfg, "train", 0, 1, train=True)
+    with caplog.at_level("WARNING"):
+        batches = list(train.epoch(0, return_keys=True))
+    assert all(len(keys) == 16 for _, _, keys in batches) and len(batches) == train.num_batches
+    assert train.skipped.count == 1 and sum(keys.count(train_key) for _, _, keys in batches) == 0
+    named = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(named) == 1 and f"skipped sample {train_key} of " in named[0] and "train-000001.tar" in named[0]
+    again = [x for x, _ in train.epoch(0)]  # the same pixels on every read: resume stays exact
+    assert all(torch.equal(a, b) for a, (b, _, _) in zip(again, batches))
+    val = build_loader(cfg, "val", 0, 1, train=False)
+    scored = [key for _, _, keys in val.epoch(0, return_keys=True) for key in keys if key]
+    assert len(scored) == 358 and val_key not in scored and val.skipped.count == 1
+    strict = build_loader(dataclasses.replace(cfg, max_bad_samples=0), "train", 0, 1, train=True)
+    with pytest.raises(DatasetError) as err:
+        list(strict.epoch(0))
+    message = str(err.value)
+    assert "\n" not in message and train_key in message and "train-000001.tar" in message
+    assert "data.max_bad_samples=0" in message
+
+
 # -- errors before training -----------------------------------------------------------------
 
 
