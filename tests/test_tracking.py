@@ -212,6 +212,56 @@ def test_secrets_are_redacted_from_text_and_params() -> None:
     }
 
 
+def test_secret_headers_user_flags_and_password_pairs_are_redacted() -> None:
+    """Credentials in a `pipe:curl` template's headers and -u flag, `name: value`, `name=value`
+    and dict or JSON text in a string, and a URL password holding an @."""
+    cases = {
+        "pipe:curl -s -H 'Authorization: Bearer T0KEN' https://h/x-{000..009}.tar": (
+            "pipe:curl -s -H 'Authorization: ***' https://h/x-{000..009}.tar"
+        ),
+        'pipe:curl -H "X-Api-Key: K3Y" -H "X-Auth-Token: T0KEN" https://h/{shard}': (
+            'pipe:curl -H "X-Api-Key: ***" -H "X-Auth-Token: ***" https://h/{shard}'
+        ),
+        "pipe:curl -H 'Cookie: session=C00KIE' https://h/{shard}": "pipe:curl -H 'Cookie: ***' https://h/{shard}",
+        "pipe:curl -u alice:PA55 https://h/{shard}": "pipe:curl -u *** https://h/{shard}",
+        "pipe:curl --user alice:PA55 https://h/{shard}": "pipe:curl --user *** https://h/{shard}",
+        "pipe:curl --user='alice:PA 55' https://h/{shard}": "pipe:curl --user='***' https://h/{shard}",
+        "password: PA55": "password: ***",
+        "password=PA55 user=alice": "password=*** user=alice",
+        "{'password': 'PA55', 'user': 'alice'}": "{'password': '***', 'user': 'alice'}",
+        '{"password": "PA55", "user": "alice"}': '{"password": "***", "user": "alice"}',
+        "Authorization=Bearer T0KEN": "Authorization=*** ***",
+        "http://user:p@ss@host:5000/x": "http://***@host:5000/x",
+        "https://a:b@c@d@store.example/wds/{shard}?x=1": "https://***@store.example/wds/{shard}?x=1",
+        # what OmegaConf said of such an override when it read it as a mapping
+        '{"pipe:curl -H \'Authorization": "Bearer T0KEN\' https://h/x.tar"}': '{"pipe:curl -H \'Authorization": "***"}',
+    }
+    for text, shown in cases.items():
+        assert redact_text(text) == shown, text
+
+
+def test_secret_names_are_whole_words() -> None:
+    """`author`, `monkey`, `tokens` or a traceback's KeyError are no secrets; api_key, access_key,
+    token, auth_token, password and signed URLs' signature parameters are."""
+    from lsa_dist.config import flatten
+    from lsa_dist.redact import is_secret_name
+
+    params = {"model.options.author": "Ada", "data.urls": "https://h/x?monkey=1&tokens=2", "x.api_key": "K"}
+    assert redact_params(params) == {**params, "x.api_key": REDACTED}
+    url = "https://h/x?monkey=1&api_key=A&access_key=B&token=C&auth_token=D&password=E&sig=F&X-Amz-Signature=G"
+    assert redact_text(url) == (
+        "https://h/x?monkey=1&api_key=***&access_key=***&token=***&auth_token=***&password=***&sig=***"
+        "&X-Amz-Signature=***"
+    )
+    harmless = ["KeyError: 'optim.lr'", "tokens: 196", "author: Ada", "python -u -m submitit.core._submit /f"]
+    harmless += ["overrides of the form key=value", "    def pick(flag: Any, key: str) -> Any:"]
+    for text in harmless:
+        assert redact_text(text) == text
+    assert redact_text("https://maps.example/api?key=AIza00&v=3") == "https://maps.example/api?key=***&v=3"
+    assert [k for k in flatten(RunConfig()) if any(is_secret_name(part) for part in k.split("."))] == []
+    assert all(is_secret_name(n) for n in ("apiKey", "accessToken", "HF_TOKEN", "X-Amz-Credential", "Set-Cookie"))
+
+
 LIBRARY_OUTPUT = """
 import logging, sys, traceback, warnings
 library = logging.getLogger("some.library")
