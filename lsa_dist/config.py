@@ -9,18 +9,30 @@ constraints (`knob`: interval, choices, part of the run's mathematics).
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .constraints import knob, violations, walk_fields
+from .redact import redact_text
+
+_KEY_PREFIX = re.compile(r"^[\w.\[\]-]+: ")
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message starts with the offending key."""
+    """A configuration that cannot run; the message starts with the offending key. The message
+    is redacted (lsa_dist.redact) where it is made: a value it quotes may hold a credential. The
+    leading key stays readable even where its name looks secret."""
+
+    def __init__(self, message: str) -> None:
+        prefix = _KEY_PREFIX.match(message)
+        head = prefix[0] if prefix else ""
+        super().__init__(head + redact_text(message[len(head) :]))
 
 
 @dataclass
@@ -246,11 +258,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             layers.append(OmegaConf.load(path))
         except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(override_layer(overrides))
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -259,6 +268,47 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg.train.name = path.stem if path is not None else "run"
     validate(cfg)
     return cfg
+
+
+def override_layer(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """The `key=value` overrides as one config, each value read as YAML (numbers, lists,
+    mappings) the way OmegaConf reads a dotlist, except where the schema's type of the key is
+    str and the YAML reading is a mapping or fails: the value is then the text as written
+    (`data.urls=pipe:curl -H 'Authorization: Bearer ...' https://...` holds `: `, which YAML
+    takes for a mapping). Raises ConfigError naming the key."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    layer = OmegaConf.create()
+    for override in overrides:
+        key, _, text = override.partition("=")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+        except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
+            if schema_type(key) is not str:
+                raise ConfigError(f"{key}: not a valid YAML value ({str(err).splitlines()[0]})") from err
+            value = text
+        if isinstance(value, dict) and schema_type(key) is str:
+            value = text
+        OmegaConf.update(layer, key, value)
+    return layer
+
+
+def schema_type(key: str) -> Any:
+    """The type the schema gives a dotted key (a dict field's value type below it), or None
+    where it says none: an unknown key, a free-form option."""
+    kind: Any = RunConfig
+    for part in key.split("."):
+        if dataclasses.is_dataclass(kind):
+            hints = typing.get_type_hints(kind)
+            if part not in hints:
+                return None
+            kind = hints[part]
+        elif typing.get_origin(kind) is dict:
+            kind = typing.get_args(kind)[1]
+        else:
+            return None
+    return kind
 
 
 def validate(cfg: RunConfig) -> None:

@@ -262,6 +262,23 @@ def test_secret_names_are_whole_words() -> None:
     assert all(is_secret_name(n) for n in ("apiKey", "accessToken", "HF_TOKEN", "X-Amz-Credential", "Set-Cookie"))
 
 
+def test_an_override_with_a_secret_header_is_a_string_and_no_error_shows_its_secret() -> None:
+    """`data.urls=pipe:curl -H 'Authorization: Bearer ...' ...` holds `: `, which YAML reads as a
+    mapping: the schema says str, so the text is kept as written. Error messages (a YAML
+    mapping for a number, a bad value quoting a URL) are redacted where they are made."""
+    from lsa_dist.config import ConfigError, load_config, redacted_yaml
+
+    urls = "pipe:curl -s -H 'Authorization: Bearer T0KEN' https://h/x-{000..009}.tar"
+    cfg = load_config(None, [f"data.urls={urls}", "launch.slurm.additional.comment=X-Api-Key: K3Y"])
+    assert cfg.data.urls == urls and cfg.launch.slurm.additional == {"comment": "X-Api-Key: K3Y"}
+    shown = redacted_yaml(cfg)
+    assert "T0KEN" not in shown and "K3Y" not in shown and "Authorization: ***" in shown
+    for override in ("optim.lr=Authorization: Bearer T0KEN", "train.resume=https://alice:T0KEN@h/ck"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"data.urls={urls}", override])
+        assert "T0KEN" not in str(err.value) and str(err.value).startswith(override.split("=")[0] + ": ")
+
+
 LIBRARY_OUTPUT = """
 import logging, sys, traceback, warnings
 library = logging.getLogger("some.library")
