@@ -163,6 +163,9 @@ class TrackingConfig:
     run_name: str = ""  # "" = train.name
     log_every: int = knob(1, interval="[1, inf)")  # steps between logged metrics (batched, sent by a background thread)
     register_model: str = ""  # register the final model under this name; "" = don't
+    # set when the config loads: the keys whose values come from ${oc.env:...}; MLflow's params
+    # and config artifact show *** for them (the run folder's config.yaml keeps the values)
+    from_env: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -264,6 +267,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from err
+    cfg.tracking.from_env = sorted(set(cfg.tracking.from_env) | env_keys(merged))
     if not cfg.train.name:
         cfg.train.name = path.stem if path is not None else "run"
     validate(cfg)
@@ -292,6 +296,19 @@ def override_layer(overrides: list[str] | tuple[str, ...]) -> DictConfig:
             value = text
         OmegaConf.update(layer, key, value)
     return layer
+
+
+def env_keys(merged: DictConfig) -> set[str]:
+    """The dotted keys of a config (before interpolations are resolved) whose values hold an
+    ${oc.env:...} interpolation, or interpolate such a key (${data.urls}): environment variables
+    are where credentials are put, and their values are not shown (redact_params)."""
+    raw = flatten_tree(OmegaConf.to_container(merged, resolve=False))
+    found = {key for key, value in raw.items() if "oc.env:" in str(value)}
+    while True:
+        more = {k for k, v in raw.items() if k not in found and any("${" + f in str(v) for f in found)}
+        if not more:
+            return found
+        found |= more
 
 
 def schema_type(key: str) -> Any:
@@ -398,10 +415,12 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def redacted_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML with its secrets replaced by *** (what MLflow and dry runs show)."""
+    """The resolved config as YAML with its secrets, and the values that came from environment
+    variables (tracking.from_env), replaced by *** (what MLflow and dry runs show)."""
     from .redact import redact_tree
 
-    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(tree, hidden=cfg.tracking.from_env)))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -125,19 +125,29 @@ def redact_value(key: str, value: Any) -> Any:
     return value
 
 
-def redact_tree(tree: Any, prefix: str = "") -> Any:
-    """A nested config (dicts and lists) with every value through redact_value."""
+def redact_tree(tree: Any, prefix: str = "", hidden: list[str] | tuple[str, ...] = ()) -> Any:
+    """A nested config (dicts and lists) with every value through redact_value, and *** for the
+    keys in `hidden` (and below them)."""
+    key = prefix.rstrip(".")
+    if _is_hidden(key, hidden) and tree not in ("", None):
+        return REDACTED
     if isinstance(tree, dict):
-        return {
-            k: redact_tree(v, f"{prefix}{k}.") if isinstance(v, dict) else redact_value(f"{prefix}{k}", v)
-            for k, v in tree.items()
-        }
-    return redact_value(prefix.rstrip("."), tree)
+        return {k: redact_tree(v, f"{prefix}{k}.", hidden) for k, v in tree.items()}
+    return redact_value(key, tree)
 
 
-def redact_params(params: dict[str, Any]) -> dict[str, str]:
-    """Flat params as MLflow takes them: redacted, stringified, within its 6000-character limit."""
-    return {key: str(redact_value(key, value))[:6000] for key, value in params.items()}
+def redact_params(params: dict[str, Any], hidden: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Flat params as MLflow takes them: redacted (*** for the keys in `hidden` and below them),
+    stringified, within its 6000-character limit."""
+    return {
+        key: REDACTED if _is_hidden(key, hidden) and value not in ("", None) else str(redact_value(key, value))[:6000]
+        for key, value in params.items()
+    }
+
+
+def _is_hidden(key: str, hidden: list[str] | tuple[str, ...]) -> bool:
+    """Whether `key` is one of `hidden` or below one of them."""
+    return any(key == h or key.startswith(h + ".") for h in hidden)
 
 
 class RedactingStream:

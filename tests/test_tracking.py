@@ -279,6 +279,37 @@ def test_an_override_with_a_secret_header_is_a_string_and_no_error_shows_its_sec
         assert "T0KEN" not in str(err.value) and str(err.value).startswith(override.split("=")[0] + ": ")
 
 
+def test_environment_values_are_redacted_from_params_and_the_config_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys whose values come from ${oc.env:...} (or interpolate such a key) are logged as ***,
+    also when the workers read the resolved config back from the run folder."""
+    from lsa_dist.config import load_config, redacted_yaml, to_yaml
+
+    monkeypatch.setenv("LSA_TEST_TOKEN", "T0KEN")
+    overrides = [
+        "data.urls=pipe:curl -s https://h/${oc.env:LSA_TEST_TOKEN}/{shard}",
+        "launch.slurm.setup=['export HF_TOKEN=${oc.env:LSA_TEST_TOKEN}']",
+        "tracking.run_name=${data.urls}",
+    ]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    assert cfg.data.urls == "pipe:curl -s https://h/T0KEN/{shard}"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    logged: dict[str, str] = {}
+
+    class Capture:  # what Tracker.log_config hands Tracker.log_params
+        def log_params(self, params: dict, hidden: list[str] = ()) -> None:
+            logged.update(redact_params(params, hidden))
+
+    for loaded in (cfg, load_config(saved)):
+        assert loaded.tracking.from_env == ["data.urls", "launch.slurm.setup", "tracking.run_name"]
+        Tracker.log_config(Capture(), loaded)
+        assert logged["data.urls"] == logged["launch.slurm.setup"] == logged["tracking.run_name"] == REDACTED
+        assert logged["optim.lr"] == str(cfg.optim.lr) and not any("T0KEN" in v for v in logged.values())
+        assert "T0KEN" not in redacted_yaml(loaded)
+
+
 LIBRARY_OUTPUT = """
 import logging, sys, traceback, warnings
 library = logging.getLogger("some.library")
