@@ -6,10 +6,12 @@ to the last @ before the host; `https://token@host`); the values of query parame
 assignments, headers and `name: value` pairs whose names are secret (`is_secret_name`: signed
 URLs' `X-Amz-Signature`, `X-Amz-Credential`, `sig`; `token`, `api_key`, `password`,
 `Authorization: Bearer ...`, `X-Api-Key: ...`, `{'password': ...}` in a string); curl's
-`-u user:password`; bearer tokens; and the whole value of config keys whose names are secret.
-Names match by whole words: `model.options.author` or `?monkey=` stay as they are. The run
-folder keeps the real config, readable by its owner only: a resume needs it. `redact_output` passes what a
-process's libraries print (warnings, log records, tracebacks) through the same filter.
+`-u user:password`; bearer tokens; and the whole value of config keys whose names are secret
+or that a caller hides (`hidden`: the keys whose values come from environment variables,
+tracking.from_env). Names match by whole words: `model.options.author` or `?monkey=` stay as
+they are. The run folder keeps the real config, readable by its owner only: a resume needs it.
+`redact_output` passes what a process's libraries print (warnings, log records, tracebacks)
+through the same filter.
 """
 
 from __future__ import annotations
