@@ -260,16 +260,42 @@ def job_folder(jobs: list[RunConfig], job_dir: Path | None) -> Path:
     return Path(jobs[0].train.output_dir).resolve() / "sweeps" / time.strftime("%Y%m%d-%H%M%S") / "%j"
 
 
+def private_folder(folder: Path) -> Path:
+    """Create submitit's folder for `folder` (its part before the first %j) owner-only (0700)
+    before submitit writes into it: the sbatch script it keeps there holds launch.slurm.setup's
+    lines, which may export a credential (export HF_TOKEN=...). Returns that folder."""
+    from submitit.core.utils import JobPaths
+
+    base = JobPaths.get_first_id_independent_folder(folder)
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base.chmod(0o700)
+    return base
+
+
+def make_private(base: Path) -> None:
+    """submitit's folder after a submission: the folders in it 0700 (a job's, an array's, where
+    its one sbatch script goes) and the files (the script, the pickled jobs) 0600; symbolic
+    links (submitit's pointers to the script) are left alone."""
+    base.chmod(0o700)
+    for path in base.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 def submit(jobs: list[RunConfig], previous: list[str], params: dict[str, Any], job_dir: Path | None) -> list:
     """Write each run's config, prepare its MLflow run, submit them (several: one job array) and
-    say where to look. Returns (config, job, MLflow run id) per run."""
+    say where to look; submitit's folders and files are the owner's only. Returns (config, job,
+    MLflow run id) per run."""
     prepared = [cli.prepare_run(cfg, prev, "slurm_config.yaml") for cfg, prev in zip(jobs, previous)]
-    executor = make_executor(job_folder(jobs, job_dir), params)
+    folder = job_folder(jobs, job_dir)
+    base = private_folder(folder)
+    executor = make_executor(folder, params)
     if len(jobs) == 1:
         submitted = [executor.submit(TrainJob(str(prepared[0][0]), prepared[0][1]))]
     else:
         with executor.batch():
             submitted = [executor.submit(TrainJob(str(path), run_id)) for path, run_id in prepared]
+    make_private(base)
     out = []
     for cfg, job, (_, run_id) in zip(jobs, submitted, prepared):
         stdout = job.paths.stdout

@@ -9,18 +9,30 @@ constraints (`knob`: interval, choices, part of the run's mathematics).
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .constraints import knob, violations, walk_fields
+from .redact import redact_text
+
+_KEY_PREFIX = re.compile(r"^[\w.\[\]-]+: ")
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message starts with the offending key."""
+    """A configuration that cannot run; the message starts with the offending key. The message
+    is redacted (lsa_dist.redact) where it is made: a value it quotes may hold a credential. The
+    leading key stays readable even where its name looks secret."""
+
+    def __init__(self, message: str) -> None:
+        prefix = _KEY_PREFIX.match(message)
+        head = prefix[0] if prefix else ""
+        super().__init__(head + redact_text(message[len(head) :]))
 
 
 @dataclass
@@ -154,6 +166,9 @@ class TrackingConfig:
     run_name: str = ""  # "" = train.name
     log_every: int = knob(1, interval="[1, inf)")  # steps between logged metrics (batched, sent by a background thread)
     register_model: str = ""  # register the final model under this name; "" = don't
+    # set when the config loads: the keys whose values come from ${oc.env:...}; MLflow's params
+    # and config artifact show *** for them (the run folder's config.yaml keeps the values)
+    from_env: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -249,19 +264,71 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             layers.append(OmegaConf.load(path))
         except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(override_layer(overrides))
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from err
+    cfg.tracking.from_env = sorted(set(cfg.tracking.from_env) | env_keys(merged))
     if not cfg.train.name:
         cfg.train.name = path.stem if path is not None else "run"
     validate(cfg)
     return cfg
+
+
+def override_layer(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """The `key=value` overrides as one config, each value read as YAML (numbers, lists,
+    mappings) the way OmegaConf reads a dotlist, except where the schema's type of the key is
+    str and the YAML reading is a mapping or fails: the value is then the text as written
+    (`data.urls=pipe:curl -H 'Authorization: Bearer ...' https://...` holds `: `, which YAML
+    takes for a mapping). Raises ConfigError naming the key."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    layer = OmegaConf.create()
+    for override in overrides:
+        key, _, text = override.partition("=")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+        except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
+            if schema_type(key) is not str:
+                raise ConfigError(f"{key}: not a valid YAML value ({str(err).splitlines()[0]})") from err
+            value = text
+        if isinstance(value, dict) and schema_type(key) is str:
+            value = text
+        OmegaConf.update(layer, key, value)
+    return layer
+
+
+def env_keys(merged: DictConfig) -> set[str]:
+    """The dotted keys of a config (before interpolations are resolved) whose values hold an
+    ${oc.env:...} interpolation, or interpolate such a key (${data.urls}): environment variables
+    are where credentials are put, and their values are not shown (redact_params)."""
+    raw = flatten_tree(OmegaConf.to_container(merged, resolve=False))
+    found = {key for key, value in raw.items() if "oc.env:" in str(value)}
+    while True:
+        more = {k for k, v in raw.items() if k not in found and any("${" + f in str(v) for f in found)}
+        if not more:
+            return found
+        found |= more
+
+
+def schema_type(key: str) -> Any:
+    """The type the schema gives a dotted key (a dict field's value type below it), or None
+    where it says none: an unknown key, a free-form option."""
+    kind: Any = RunConfig
+    for part in key.split("."):
+        if dataclasses.is_dataclass(kind):
+            hints = typing.get_type_hints(kind)
+            if part not in hints:
+                return None
+            kind = hints[part]
+        elif typing.get_origin(kind) is dict:
+            kind = typing.get_args(kind)[1]
+        else:
+            return None
+    return kind
 
 
 def validate(cfg: RunConfig) -> None:
@@ -351,10 +418,12 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def redacted_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML with its secrets replaced by *** (what MLflow and dry runs show)."""
+    """The resolved config as YAML with its secrets, and the values that came from environment
+    variables (tracking.from_env), replaced by *** (what MLflow and dry runs show)."""
     from .redact import redact_tree
 
-    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(tree, hidden=cfg.tracking.from_env)))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

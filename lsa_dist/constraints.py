@@ -15,7 +15,7 @@ from typing import Any
 
 def knob(default: Any, *, interval: str = "", choices: tuple[str, ...] = (), math: bool = False) -> Any:
     """A field with its constraints: `interval` "[low, high)" ("(", ")": that end excluded; a list's
-    each element; always finite), `choices`, and `math`: part of a run's mathematics (on a section:
+    each element of a list or tuple; always finite), `choices`, and `math`: part of a run's mathematics (on a section:
     every key below it). A list or a section (a dataclass) is built afresh for each instance."""
     metadata = {"interval": interval, "choices": choices, "math": math}
     if isinstance(default, type):
@@ -46,8 +46,9 @@ def violations(obj: Any) -> Iterator[str]:
     """One line per field of `obj` outside its choices or interval, naming the key, in field order."""
     for key, f, value in walk_fields(obj):
         options, interval = f.metadata.get("choices"), f.metadata.get("interval")
-        items = value if isinstance(value, list) else [value]
+        shown = list(value) if isinstance(value, tuple) else value
+        items = shown if isinstance(shown, list) else [shown]
         if options and value not in options:
             yield f"{key}: must be one of {', '.join(options)}, got {value!r}"
         elif interval and not all(in_interval(float(x), interval) for x in items):
-            yield f"{key}: must be a finite number in {interval}, got {value}"
+            yield f"{key}: must be a finite number in {interval}, got {shown}"

@@ -18,8 +18,9 @@
 - Runs end FINISHED, KILLED (stopped on request) or FAILED (crashed: by rank 0 on its way
   out, or by the local launcher when rank 0 died).
 - Params are the flattened resolved config and the config artifact its YAML, both with secrets
-  redacted (lsa_dist.redact: URL credentials, signed-URL parameters, secret-looking keys), as
-  are the backend's address in messages; no environment variable is logged.
+  redacted (lsa_dist.redact: URL credentials, signed-URL parameters, credential headers,
+  secret-looking keys), as are the backend's address in messages; no environment variable is
+  logged, and the keys whose values come from one (${oc.env:...}, tracking.from_env) show ***.
 """
 
 from __future__ import annotations
@@ -222,10 +223,11 @@ class Tracker:
             self.thread.start()
 
     # -- what training calls ------------------------------------------------------------------
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Params not yet in the run (a continued run keeps its first values)."""
+    def log_params(self, params: dict[str, Any], hidden: list[str] | tuple[str, ...] = ()) -> None:
+        """Params not yet in the run (a continued run keeps its first values), redacted: *** for
+        the keys in `hidden` (and below them)."""
         if self.enabled:
-            self._call(lambda: self._log_new_params(redact_params(params)))
+            self._call(lambda: self._log_new_params(redact_params(params, hidden)))
 
     def _log_new_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -234,7 +236,9 @@ class Tracker:
         send_batches(self.client, self.run_id, params=[Param(k, v) for k, v in params.items() if k not in existing])
 
     def log_config(self, cfg: RunConfig) -> None:
-        self.log_params(flatten(cfg))
+        """The flattened config as params; the values that came from environment variables
+        (tracking.from_env) are not shown."""
+        self.log_params(flatten(cfg), hidden=cfg.tracking.from_env)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:

@@ -72,3 +72,27 @@ def test_every_entry_point_reports_a_bad_key_in_one_line(command: list[str], tmp
     assert proc.stderr.strip().splitlines()[-1].startswith("error: optim.lrr: unknown key")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_header_in_a_url_override_is_kept_and_never_printed(capsys: pytest.CaptureFixture) -> None:
+    """The training command with `data.urls=pipe:curl -H 'Authorization: Bearer ...' ...` reads
+    the value as a string; the one-line error about another key, and what a dry run of
+    launch/slurm.py prints of the config, show *** for the token."""
+    from lsa_dist.train import command
+
+    urls = "data.urls=pipe:curl -s -H 'Authorization: Bearer T0KEN' https://h/x-{000..009}.tar"
+    assert command(["--config", str(DEMO), urls, "optim.lr=X-Api-Key: K3Y"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim.lr: ") and "K3Y" not in err and len(err.strip().splitlines()) == 1
+    assert command(["--config", str(DEMO), urls, "train.resume=/nowhere"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.resume: '/nowhere' is neither") and "T0KEN" not in err
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "slurm.py"), "--dry-run", "--config", str(DEMO), urls],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "urls: 'pipe:curl -s -H ''Authorization: ***'' https://h/x-{000..009}.tar'" in proc.stdout
+    assert "T0KEN" not in proc.stdout + proc.stderr

@@ -201,6 +201,14 @@ def test_values_that_crashed_late_are_refused_at_load() -> None:
         "optim.lr=0": "optim.lr: must be a finite number in (0, inf), got 0.0",
         "optim.lr=nan": "optim.lr: must be a finite number in (0, inf), got nan",
         "data.augment.crop_pct=0": "data.augment.crop_pct: must be a finite number in (0, 1], got 0.0",
+        "model.options.mlp_ratio=nan": "model.options.mlp_ratio: must be a finite number in (0, inf), got nan",
+        "model.options.attn_drop=1.5": "model.options.attn_drop: must be a finite number in [0, 1), got 1.5",
+        "model.options.proj_drop=-3": "model.options.proj_drop: must be a finite number in [0, 1), got -3.0",
+        "model.options.widths=[192,0,192,192]": "model.options.widths: must be a finite number in [1, inf), got "
+        "[192, 0, 192, 192]",
+        "model.options.depths=[2,4.5,4,4]": "model.options.depths: must be a list of integers, got [2, 4.5, 4, 4]",
+        "model.options.mlp_ratio=four": "model.options.mlp_ratio: must be a number, got 'four'",
+        "model.options.qkv_bias=maybe": "model.options.qkv_bias: must be true or false, got 'maybe'",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -208,3 +216,36 @@ def test_values_that_crashed_late_are_refused_at_load() -> None:
         assert str(err.value) == message
     with pytest.raises(ConfigError, match=r"^data.batch_size: 33 is odd; mixup/cutmix pair"):
         load_config(ROOT / "configs" / "lsa_tiny.yaml", ["data.batch_size=33"])
+
+
+def test_every_numeric_model_option_declares_a_range_checked_at_load() -> None:
+    """The model's options (LSAConfig's fields) carry their ranges; every numeric one refuses
+    values below, above and beside it (nan, inf) with one line naming model.options.<key>."""
+    import dataclasses
+    import typing
+
+    from lsa_dist.models import LSAConfig
+
+    hints = typing.get_type_hints(LSAConfig)
+    numeric = {
+        f.name: f.metadata.get("interval", "")
+        for f in dataclasses.fields(LSAConfig)
+        if hints[f.name] in (int, float, tuple[int, ...])
+    }
+    assert {"mlp_ratio", "attn_drop", "proj_drop", "widths", "heads", "depths", "patch_kernel"} <= set(numeric)
+    assert all(numeric.values()), [name for name, interval in numeric.items() if not interval]
+    tried = 0
+    for name, interval in numeric.items():
+        if name in ("num_classes", "drop_path_rate"):  # model.num_classes and model.drop_path_rate set these
+            continue
+        kind, high = hints[name], interval[1:-1].split(",")[1].strip()
+        bad = ["-1", "nan", "inf"] + ([] if high == "inf" else [str(float(high) * 2 + 1)])
+        for value in bad:
+            text = value if kind in (int, float) else f"[{value},{value},{value},{value}]"
+            with pytest.raises(ConfigError) as err:
+                load_config(ROOT / "configs" / "lsa_tiny.yaml", [f"model.options.{name}={text}"])
+            message = str(err.value)
+            assert message.startswith(f"model.options.{name}: must be ") and "\n" not in message, message
+            assert interval in message or "integer" in message, message
+            tried += 1
+    assert tried >= 30

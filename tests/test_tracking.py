@@ -212,6 +212,104 @@ def test_secrets_are_redacted_from_text_and_params() -> None:
     }
 
 
+def test_secret_headers_user_flags_and_password_pairs_are_redacted() -> None:
+    """Credentials in a `pipe:curl` template's headers and -u flag, `name: value`, `name=value`
+    and dict or JSON text in a string, and a URL password holding an @."""
+    cases = {
+        "pipe:curl -s -H 'Authorization: Bearer T0KEN' https://h/x-{000..009}.tar": (
+            "pipe:curl -s -H 'Authorization: ***' https://h/x-{000..009}.tar"
+        ),
+        'pipe:curl -H "X-Api-Key: K3Y" -H "X-Auth-Token: T0KEN" https://h/{shard}': (
+            'pipe:curl -H "X-Api-Key: ***" -H "X-Auth-Token: ***" https://h/{shard}'
+        ),
+        "pipe:curl -H 'Cookie: session=C00KIE' https://h/{shard}": "pipe:curl -H 'Cookie: ***' https://h/{shard}",
+        "pipe:curl -u alice:PA55 https://h/{shard}": "pipe:curl -u *** https://h/{shard}",
+        "pipe:curl --user alice:PA55 https://h/{shard}": "pipe:curl --user *** https://h/{shard}",
+        "pipe:curl --user='alice:PA 55' https://h/{shard}": "pipe:curl --user='***' https://h/{shard}",
+        "password: PA55": "password: ***",
+        "password=PA55 user=alice": "password=*** user=alice",
+        "{'password': 'PA55', 'user': 'alice'}": "{'password': '***', 'user': 'alice'}",
+        '{"password": "PA55", "user": "alice"}': '{"password": "***", "user": "alice"}',
+        "Authorization=Bearer T0KEN": "Authorization=*** ***",
+        "http://user:p@ss@host:5000/x": "http://***@host:5000/x",
+        "https://a:b@c@d@store.example/wds/{shard}?x=1": "https://***@store.example/wds/{shard}?x=1",
+        # what OmegaConf said of such an override when it read it as a mapping
+        '{"pipe:curl -H \'Authorization": "Bearer T0KEN\' https://h/x.tar"}': '{"pipe:curl -H \'Authorization": "***"}',
+    }
+    for text, shown in cases.items():
+        assert redact_text(text) == shown, text
+
+
+def test_secret_names_are_whole_words() -> None:
+    """`author`, `monkey`, `tokens` or a traceback's KeyError are no secrets; api_key, access_key,
+    token, auth_token, password and signed URLs' signature parameters are."""
+    from lsa_dist.config import flatten
+    from lsa_dist.redact import is_secret_name
+
+    params = {"model.options.author": "Ada", "data.urls": "https://h/x?monkey=1&tokens=2", "x.api_key": "K"}
+    assert redact_params(params) == {**params, "x.api_key": REDACTED}
+    url = "https://h/x?monkey=1&api_key=A&access_key=B&token=C&auth_token=D&password=E&sig=F&X-Amz-Signature=G"
+    assert redact_text(url) == (
+        "https://h/x?monkey=1&api_key=***&access_key=***&token=***&auth_token=***&password=***&sig=***"
+        "&X-Amz-Signature=***"
+    )
+    harmless = ["KeyError: 'optim.lr'", "tokens: 196", "author: Ada", "python -u -m submitit.core._submit /f"]
+    harmless += ["overrides of the form key=value", "    def pick(flag: Any, key: str) -> Any:"]
+    for text in harmless:
+        assert redact_text(text) == text
+    assert redact_text("https://maps.example/api?key=AIza00&v=3") == "https://maps.example/api?key=***&v=3"
+    assert [k for k in flatten(RunConfig()) if any(is_secret_name(part) for part in k.split("."))] == []
+    assert all(is_secret_name(n) for n in ("apiKey", "accessToken", "HF_TOKEN", "X-Amz-Credential", "Set-Cookie"))
+
+
+def test_an_override_with_a_secret_header_is_a_string_and_no_error_shows_its_secret() -> None:
+    """`data.urls=pipe:curl -H 'Authorization: Bearer ...' ...` holds `: `, which YAML reads as a
+    mapping: the schema says str, so the text is kept as written. Error messages (a YAML
+    mapping for a number, a bad value quoting a URL) are redacted where they are made."""
+    from lsa_dist.config import ConfigError, load_config, redacted_yaml
+
+    urls = "pipe:curl -s -H 'Authorization: Bearer T0KEN' https://h/x-{000..009}.tar"
+    cfg = load_config(None, [f"data.urls={urls}", "launch.slurm.additional.comment=X-Api-Key: K3Y"])
+    assert cfg.data.urls == urls and cfg.launch.slurm.additional == {"comment": "X-Api-Key: K3Y"}
+    shown = redacted_yaml(cfg)
+    assert "T0KEN" not in shown and "K3Y" not in shown and "Authorization: ***" in shown
+    for override in ("optim.lr=Authorization: Bearer T0KEN", "train.resume=https://alice:T0KEN@h/ck"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"data.urls={urls}", override])
+        assert "T0KEN" not in str(err.value) and str(err.value).startswith(override.split("=")[0] + ": ")
+
+
+def test_environment_values_are_redacted_from_params_and_the_config_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys whose values come from ${oc.env:...} (or interpolate such a key) are logged as ***,
+    also when the workers read the resolved config back from the run folder."""
+    from lsa_dist.config import load_config, redacted_yaml, to_yaml
+
+    monkeypatch.setenv("LSA_TEST_TOKEN", "T0KEN")
+    overrides = [
+        "data.urls=pipe:curl -s https://h/${oc.env:LSA_TEST_TOKEN}/{shard}",
+        "launch.slurm.setup=['export HF_TOKEN=${oc.env:LSA_TEST_TOKEN}']",
+        "tracking.run_name=${data.urls}",
+    ]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    assert cfg.data.urls == "pipe:curl -s https://h/T0KEN/{shard}"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    logged: dict[str, str] = {}
+
+    class Capture:  # what Tracker.log_config hands Tracker.log_params
+        def log_params(self, params: dict, hidden: list[str] = ()) -> None:
+            logged.update(redact_params(params, hidden))
+
+    for loaded in (cfg, load_config(saved)):
+        assert loaded.tracking.from_env == ["data.urls", "launch.slurm.setup", "tracking.run_name"]
+        Tracker.log_config(Capture(), loaded)
+        assert logged["data.urls"] == logged["launch.slurm.setup"] == logged["tracking.run_name"] == REDACTED
+        assert logged["optim.lr"] == str(cfg.optim.lr) and not any("T0KEN" in v for v in logged.values())
+        assert "T0KEN" not in redacted_yaml(loaded)
+
+
 LIBRARY_OUTPUT = """
 import logging, sys, traceback, warnings
 library = logging.getLogger("some.library")

@@ -12,13 +12,17 @@ Tensor layouts used throughout:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
+
+from ..constraints import knob, violations
 
 # (dy, dx) offsets of the shifted copies. The first entry is the image itself: its
 # tokens are the residual stream; the others only serve as keys and values.
@@ -71,33 +75,29 @@ class LSAConfig:
     (dy, dx) with wrap-around (same size).
     """
 
-    image_size: int = 224
-    in_chans: int = 3
-    num_classes: int = 1000
-    patch_kernel: int = 9
-    patch_stride: int = 7
-    patch_padding: int = 1
+    # every numeric option declares its range here (`knob`); `validate` refuses values outside it
+    image_size: int = knob(224, interval="[1, inf)")
+    in_chans: int = knob(3, interval="[1, inf)")
+    num_classes: int = knob(1000, interval="[1, inf)")
+    patch_kernel: int = knob(9, interval="[1, inf)")
+    patch_stride: int = knob(7, interval="[1, inf)")
+    patch_padding: int = knob(1, interval="[0, inf)")
     shifts: tuple[tuple[int, int], ...] = IMAGENET_SHIFTS
-    shift_mode: str = "pad"
-    widths: tuple[int, ...] = (192, 192, 192, 192)
-    heads: tuple[int, ...] = (4, 4, 4, 4)
-    depths: tuple[int, ...] = (2, 4, 4, 4)
+    shift_mode: str = knob("pad", choices=SHIFT_MODES)
+    widths: tuple[int, ...] = knob((192, 192, 192, 192), interval="[1, inf)")
+    heads: tuple[int, ...] = knob((4, 4, 4, 4), interval="[1, inf)")
+    depths: tuple[int, ...] = knob((2, 4, 4, 4), interval="[1, inf)")
     shared_kv: bool = False
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = knob(4.0, interval="(0, inf)")
     qkv_bias: bool = True
-    drop_path_rate: float = 0.0
-    drop_path_mode: str = "uniform"
-    attn_drop: float = 0.0
-    proj_drop: float = 0.0
+    drop_path_rate: float = knob(0.0, interval="[0, 1)")
+    drop_path_mode: str = knob("uniform", choices=("uniform", "linear"))
+    attn_drop: float = knob(0.0, interval="[0, 1)")
+    proj_drop: float = knob(0.0, interval="[0, 1)")
 
     def __post_init__(self) -> None:
-        for name in ("shifts", "widths", "heads", "depths"):
-            value = getattr(self, name)
-            if name == "shifts":
-                value = tuple(tuple(int(v) for v in s) for s in value)
-            else:
-                value = tuple(int(v) for v in value)
-            object.__setattr__(self, name, value)
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
         self.validate()
 
     @property
@@ -125,10 +125,8 @@ class LSAConfig:
         def fail(key: str, msg: str) -> None:
             raise ModelConfigError(f"model.{key}: {msg}")
 
-        if self.shift_mode not in SHIFT_MODES:
-            fail("shift_mode", f"must be one of {SHIFT_MODES}, got {self.shift_mode!r}")
-        if self.drop_path_mode not in ("uniform", "linear"):
-            fail("drop_path_mode", f"must be 'uniform' or 'linear', got {self.drop_path_mode!r}")
+        for message in violations(self):  # the ranges and choices declared on the fields
+            raise ModelConfigError(f"model.{message}")
         if not self.shifts or self.shifts[0] != (0, 0):
             fail("shifts", "the first shift must be (0, 0): the unshifted image is the residual stream")
         if any(len(s) != 2 for s in self.shifts):
@@ -143,21 +141,62 @@ class LSAConfig:
         for name in ("heads", "depths"):
             if len(getattr(self, name)) != stages:
                 fail(name, f"has {len(getattr(self, name))} entries but widths has {stages} stages")
-        if any(d < 1 for d in self.depths):
-            fail("depths", "every stage needs at least one block")
         for i, (w, h) in enumerate(zip(self.widths, self.heads)):
-            if h < 1 or w % h:
+            if w % h:
                 fail("heads", f"stage {i}: width {w} is not divisible by {h} heads")
-        for name in ("image_size", "in_chans", "num_classes", "patch_kernel", "patch_stride"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
-        if self.patch_padding < 0:
-            fail("patch_padding", "must be >= 0")
         size, k, p = self.image_size, self.patch_kernel, self.patch_padding
         if size + 2 * p < k:
             fail("image_size", f"{size}px is smaller than the patch kernel {k} (padding {p})")
+
+
+# what each field type takes, for the message when a value is not of it
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "tuple[int, ...]": "a list of integers",
+    "tuple[tuple[int, int], ...]": "a list of [dy, dx] integer pairs",
+}
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """`value` as a field of type `kind` takes it: integers, numbers (a YAML override's text of
+    one included: "nan" reaches the range check as nan) and sequences as tuples. Raises
+    ModelConfigError naming the option for a value of another kind, before any layer is built."""
+    try:
+        if kind == "int":
+            return _integer(value)
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+                raise TypeError(value)
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str) or value not in (True, False):
+                raise TypeError(value)
+            return bool(value)
+        if kind == "tuple[int, ...]":
+            return tuple(_integer(v) for v in _sequence(value))
+        if kind == "tuple[tuple[int, int], ...]":
+            return tuple(tuple(_integer(v) for v in _sequence(pair)) for pair in _sequence(value))
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"model.{name}: must be {_KINDS[kind]}, got {value!r}") from None
+    return value
+
+
+def _integer(value: Any) -> int:
+    """An integer, an integral number or the text of an integer as int; TypeError or ValueError
+    otherwise (NumPy's numbers, as an official checkpoint's config may hold, are numbers too)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise TypeError(value)
+    if not isinstance(value, (numbers.Integral, str)) and not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+def _sequence(value: Any) -> Sequence[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(value)
+    return value
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
