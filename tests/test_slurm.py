@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -182,8 +183,9 @@ def test_multi_node_job_matches_the_local_run(
     steps = ("train.max_steps=12", "data.batch_size=8")
     args = ("--nodes", str(nodes), "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--time", "30")
     start = time.time()
-    proc = slurm(cluster, tmp_path, "cluster", demo_shards, *args, *steps)
+    proc = slurm(cluster, tmp_path, "cluster", demo_shards, *args, *steps, "launch.slurm.setup=['export A_TOKEN=T0K']")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert_owner_only(tmp_path / "cluster" / "slurm", "export A_TOKEN=T0K")
     assert "finished: val top-1" in proc.stdout
     local(tmp_path, "local", demo_shards, nodes * tasks, *steps)
     assert same_weights(tmp_path / "cluster", tmp_path / "local")
@@ -212,7 +214,8 @@ def test_a_sweep_runs_as_one_throttled_array_on_a_copy_of_the_code(
     """Two runs of a sweep as one job array, one at a time; each its own run folder and MLflow
     run, and each imports the copy of lsa_dist/ made at submission, not the checkout."""
     args = ("--nodes", "1", "--cpus-per-task", "1", "--time", "30", "--sweep=optim.lr=2e-3,1e-3")
-    proc = slurm(cluster, tmp_path, "sweep", demo_shards, *args, "--array-parallelism=1", "train.max_steps=4")
+    secret = "launch.slurm.setup=['export HF_TOKEN=S3CRET']"
+    proc = slurm(cluster, tmp_path, "sweep", demo_shards, *args, "--array-parallelism=1", "train.max_steps=4", secret)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ids = re.findall(r"submitted job (\d+_\d+): sweep-", proc.stdout)
     assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0], proc.stdout  # one array, two tasks
@@ -222,6 +225,17 @@ def test_a_sweep_runs_as_one_throttled_array_on_a_copy_of_the_code(
         assert run.info.status == "FINISHED"
         logs = "".join(p.read_text() for p in (tmp_path / "sweeps").rglob("*_0_log.out"))
         assert f"{tmp_path}/.slurm_code/" in logs and f"lsa_dist from {ROOT}" not in logs
+    assert_owner_only(tmp_path / "sweeps", "export HF_TOKEN=S3CRET")
+
+
+def assert_owner_only(folder: Path, setup_line: str) -> None:
+    """The sbatch script submitit keeps (with the launch.slurm.setup lines) is the owner's
+    alone (0600), in folders that are too (0700)."""
+    scripts = list(folder.rglob("*_submission.sh"))
+    assert scripts and all(setup_line in p.read_text() for p in scripts)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in scripts)
+    folders = [p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in [folder, *folders])
 
 
 LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2
