@@ -13,9 +13,13 @@ and how, is lsa_dist.resume's; fp32 export and model files are lsa_dist.weights'
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,9 +147,12 @@ class CheckpointManager:
         saved_world_size = int(read_meta(folder).get("world_size", 1))
         vet(folder)
         try:
-            client_state = engine.load(folder.parent, folder.name, saved_world_size)
+            with weights_only_loads():
+                client_state = engine.load(folder.parent, folder.name, saved_world_size)
         except CheckpointError:
             raise
+        except pickle.UnpicklingError as err:
+            raise not_weights(folder, err) from err
         except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many types for bad files
             first = first_line(err)
             raise CheckpointError(f"cannot load checkpoint {folder}: {first}") from err
@@ -227,6 +234,35 @@ def vet(folder: Path) -> None:
                 f"cannot load checkpoint {folder}: {path.name} names code that loading it would run "
                 f"({', '.join(sorted(unsafe)[:3])}); not a checkpoint this project wrote: refused unread"
             )
+
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: every torch.load reads weights only
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside, DeepSpeed's own included (it asks for full unpickling), reads
+    weights only: tensors, plain containers and TRUSTED_GLOBALS. vet() refuses a file that names
+    other code; this also stops a file that names only allowed code but applies it in other ways
+    (a BUILD on a function changes how every later file loads)."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(trusted_classes()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+def not_weights(folder: Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a file of `folder` that the weights-only reader refused."""
+    return CheckpointError(
+        f"cannot load checkpoint {folder}: a file holds more than weights ({first_line(err)}); "
+        "not a checkpoint this project wrote: refused"
+    )
 
 
 def trusted_classes() -> list[Any]:

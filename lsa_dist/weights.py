@@ -5,13 +5,23 @@ weights a run starts from (`model.init_from`)."""
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import META, CheckpointError, CheckpointManager, read_meta, trusted_classes, vet
+from .checkpoint import (
+    META,
+    CheckpointError,
+    CheckpointManager,
+    not_weights,
+    read_meta,
+    trusted_classes,
+    vet,
+    weights_only_loads,
+)
 from .fs import atomic_write_bytes
 from .redact import first_line
 
@@ -30,8 +40,12 @@ def export_fp32(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         return _export_stage0(folder), meta
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    vet(folder)  # DeepSpeed's reader unpickles in full
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    vet(folder)  # DeepSpeed's reader asks for full unpickling: weights only, after the scan
+    try:
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except pickle.UnpicklingError as err:
+        raise not_weights(folder, err) from err
     return {k: v.float().contiguous() for k, v in state.items()}, meta
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lsa_dist.checkpoint import CheckpointError, CheckpointManager, TrainState, read_meta
+from lsa_dist.checkpoint import CheckpointError, CheckpointManager, TrainState, read_meta, vet
 from lsa_dist.config import flatten, load_config, to_yaml
 from lsa_dist.dist import free_port
 from lsa_dist.engine import Engine, build_engine
@@ -326,6 +326,44 @@ class _RunsCode:
 
     def __reduce__(self) -> tuple:
         return (os.system, (f"touch {self.marker}",))
+
+
+def _rewrite_pickle(path: Path, data_pkl: bytes) -> None:
+    """Replace the pickle inside the torch file `path` (a zip), keeping its other members."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as old:
+        members = {info.filename: old.read(info.filename) for info in old.infolist()}
+    with zipfile.ZipFile(path, "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data_pkl if name.endswith("/data.pkl") else data)
+
+
+# A pickle that names only torch._utils._rebuild_tensor_v2, which every weights file names, and
+# applies a BUILD to that function: full unpickling sets an attribute on it (a first step to
+# changing how every later tensor loads); the scan of named globals finds nothing to refuse.
+TAMPERING_PICKLE = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x08\x00\x00\x00tamperedK\x01sb."
+
+
+def test_a_file_that_names_only_allowed_code_but_tampers_with_it_is_refused(process_group, tmp_path: Path) -> None:
+    """It passes the scan; DeepSpeed's loads (resume, export) then read weights only, so the
+    file is refused in one line and the loader is left as it was."""
+    import torch._utils
+
+    engine = make_engine(0)
+    train_one_step(engine)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3, rank=0)
+    folder = manager.save(engine, TrainState(step=1, zero_stage=1), "")
+    (model_file,) = folder.glob("*model_states.pt")
+    _rewrite_pickle(model_file, TAMPERING_PICKLE)
+    vet(folder)  # the scan alone lets it through
+    for attempt in (lambda: export_fp32(folder), lambda: manager.load(make_engine(1), folder)):
+        with pytest.raises(CheckpointError) as err:
+            attempt()
+        message = str(err.value)
+        assert "a file holds more than weights" in message and "\n" not in message, message
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "tampered")
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the switch is set only while loading
 
 
 def test_a_checkpoint_file_that_would_run_code_is_refused_unread(process_group, tmp_path: Path) -> None:

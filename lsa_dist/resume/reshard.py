@@ -63,7 +63,7 @@ def to_universal(folder: Path, tag: str, device: torch.device) -> Path:
 
     def convert() -> None:
         shutil.rmtree(target, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        command = [sys.executable, "-m", "lsa_dist.resume.universal"]  # DeepSpeed's, reading weights only
         command += ["--input_folder", str(folder / tag), "--output_folder", str(target / tag)]
         command += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
         command += ["--inject_missing_state"]  # our checkpoints carry no Megatron-style universal info
