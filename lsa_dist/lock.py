@@ -11,8 +11,10 @@ every forked child, so that only the owner's own life holds the run.
 
 A SLURM job owns its run from submission: the launcher records the job id in the same file,
 and until that job has left the queue, a new launch (local or SLURM) is refused, so that it
-can neither train into the folder nor rewrite the config the queued job will read. The lock
-needs a file system with working flock (local disks, NFSv4; Lustre mounted with -o flock).
+can neither train into the folder nor rewrite the config the queued job will read; where squeue
+cannot tell (no controller in reach), the launch is refused too: the lock fails closed. The lock
+needs a file system with working, cluster-wide flock (local disks, NFSv4; Lustre mounted with
+-o flock); one without flock, or mounted so that locks stay on one node, is refused by name.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .redact import first_line
 
 OWNER_FILE = ".owner"
 WORKERS_FILE = ".owner.workers"  # share-locked by every worker of a launcher that owns the run
@@ -87,20 +90,70 @@ def slurm_job_id() -> str:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
 
 
-def squeue_states(job_id: str) -> set[str] | None:
-    """The states squeue gives for a job (empty: it has left the queue), or None where squeue
-    cannot tell (not installed, the controller unreachable, no answer in 30 s)."""
+def squeue_query(job_id: str) -> tuple[set[str] | None, str]:
+    """(the states squeue gives for a job, empty once it has left the queue; or None where
+    squeue cannot tell) and, for None, why not."""
     try:
         cmd = ["squeue", "-h", "-j", str(job_id), "-o", "%T"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return set(out.stdout.split()) if out.returncode == 0 else None
+    except FileNotFoundError:
+        return None, "squeue is not installed here"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"squeue failed: {first_line(err)}"
+    if out.returncode == 0:
+        return set(out.stdout.split()), ""
+    if "invalid job id" in out.stderr.lower():  # the controller no longer knows it: gone
+        return set(), ""
+    return None, f"squeue failed: {first_line(RuntimeError(out.stderr.strip() or out.returncode))}"
 
 
-def job_in_queue(job_id: str) -> bool:
-    """Whether a SLURM job is still queued or running (False where squeue cannot tell)."""
-    return bool((squeue_states(job_id) or set()) & QUEUED_STATES)
+def squeue_states(job_id: str) -> set[str] | None:
+    """The states squeue gives for a job (empty: it has left the queue), or None where squeue
+    cannot tell (not installed, the controller unreachable, no answer in 30 s)."""
+    return squeue_query(job_id)[0]
+
+
+def lock_scope_problem(mountinfo: str, path: Path) -> str:
+    """Why flock on `path` would not exclude other nodes, from the mount that holds it (lines of
+    /proc/self/mountinfo): NFS mounted with nolock or local_lock=flock|all, Lustre with localflock
+    or noflock keep locks on the node that takes them. '' when nothing says so."""
+    best: tuple[str, str, str] = ("", "", "")  # mount point, type, options
+    target = str(Path(path).resolve())
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 6:
+            continue
+        point = fields[4].replace("\\040", " ")
+        fstype, *rest = line.split(" - ", 1)[1].split()
+        options = ",".join([fields[5], rest[1] if len(rest) > 1 else ""])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fstype, options)
+    point, fstype, options = best
+    local = {"nfs": {"nolock", "local_lock=flock", "local_lock=all"}, "lustre": {"localflock", "noflock"}}
+    found = set(options.split(",")) & local.get(fstype.rstrip("4"), set())
+    if found:
+        return f"{point} is {fstype} mounted with {', '.join(sorted(found))}"
+    return ""
+
+
+class LockUnsupportedError(CheckpointError):
+    """The run folder's file system cannot hold the run's lock across nodes."""
+
+
+def check_lock_scope(run_dir: Path) -> None:
+    """LockUnsupportedError when the run folder's mount keeps flocks on one node."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return
+    problem = lock_scope_problem(mountinfo, run_dir)
+    if problem:
+        raise LockUnsupportedError(
+            f"run folder {run_dir}: its locks would hold on one node only ({problem}); two nodes could train into "
+            "it at once: put train.output_dir on a file system with cluster-wide flock (NFSv4 with lockd, "
+            "Lustre with -o flock, or a local disk for a local run)"
+        )
 
 
 class RunLock:
@@ -126,12 +179,19 @@ class RunLock:
             os.close(self._take(""))
 
     def _take(self, own_job: str) -> int:
+        check_lock_scope(self.run_dir)
         fd = os.open(self.run_dir / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise RunInUseError(self._message(read_holder(self.run_dir))) from None
+        except OSError as err:  # ENOSYS (Lustre without -o flock), ENOLCK (NFS without lockd), ...
+            os.close(fd)
+            raise LockUnsupportedError(
+                f"run folder {self.run_dir}: its file system cannot lock files ({err.strerror}); the run's lock "
+                "needs flock: use NFSv4 with lockd, Lustre mounted with -o flock, or a local disk"
+            ) from None
         if not _no_workers_left(self.run_dir):
             os.close(fd)
             raise RunInUseError(
@@ -139,10 +199,12 @@ class RunLock:
                 "(they checkpoint and exit within 30 s of their launcher's end); try again shortly"
             )
         holder = read_holder(self.run_dir)
-        queued = holder.get("slurm_job") and holder.get("slurm_job") != own_job and job_in_queue(holder["slurm_job"])
-        if queued:
-            os.close(fd)
-            raise RunInUseError(self._message(holder, "queued"))
+        job = holder.get("slurm_job")
+        if job and job != own_job:
+            states, why = squeue_query(job)
+            if states is None or states & QUEUED_STATES:
+                os.close(fd)
+                raise RunInUseError(self._message(holder, "queued") if states else self._unknown(holder, why))
         return fd
 
     def record(self, extra: dict[str, Any]) -> None:
@@ -164,6 +226,15 @@ class RunLock:
             _HELD.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
+
+    def _unknown(self, holder: dict[str, Any], why: str) -> str:
+        """Ownership that cannot be decided: refused (a lock that failed open would let a launch
+        train into, or rewrite the config of, a run a queued job will continue)."""
+        return (
+            f"run folder {self.run_dir} is in use by {describe(holder)} unless that job has ended, which cannot be "
+            f"told here ({why}); run this where squeue reaches the cluster's controller, or remove "
+            f"{self.run_dir / OWNER_FILE} once the job has surely ended"
+        )
 
     def _message(self, holder: dict[str, Any], state: str = "running") -> str:
         return (

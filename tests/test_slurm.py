@@ -301,7 +301,7 @@ def test_preemption_and_time_limit_checkpoint_requeue_and_finish_identically(
     ).stdout.strip()
     # the job owns its run, running or requeued: a second submission, or a local launch, is refused
     again = slurm(cluster, tmp_path, "preempted", demo_shards, *args)
-    local_too = run_local(tmp_path, "preempted", demo_shards, *LONG)
+    local_too = run_local(tmp_path, "preempted", demo_shards, *LONG, env=cluster)
     for proc in (again, local_too):
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert re.search(r"run folder \S+/preempted is in use by SLURM job \d+ \(host ", proc.stderr), proc.stderr

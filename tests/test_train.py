@@ -206,11 +206,12 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    wait_for_step(tmp_path / "interrupted", 30, proc)
+    wait_for_step(tmp_path / "interrupted", 5, proc)
     # one owner per run: the same command again, while this one trains, is refused
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert "is in use by launch/local.py (host " in second.stderr and f"pid {proc.pid}, since " in second.stderr
+    wait_for_step(tmp_path / "interrupted", 30, proc)  # the signal follows a state, not a delay
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]
