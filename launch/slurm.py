@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.config import RunConfig, redacted_yaml  # noqa: E402
+from lsa_dist.config import ConfigError, RunConfig, redacted_yaml  # noqa: E402
 from lsa_dist.jobs import TrainJob  # noqa: E402
 from lsa_dist.lock import RunLock, squeue_states  # noqa: E402
 from lsa_dist.log import setup_logging  # noqa: E402
@@ -308,6 +308,23 @@ def submit(jobs: list[RunConfig], previous: list[str], params: dict[str, Any], j
     return out
 
 
+def check_time(time_min: int, signal_delay_s: int, startup_s: int) -> None:
+    """ConfigError unless the time limit leaves the job its start-up before the USR2 warning:
+    a job warned while it starts checkpoints nothing new and is requeued to start again, on
+    and on."""
+    if signal_delay_s < 1:
+        raise ConfigError(
+            f"--signal-delay {signal_delay_s}: the job must be warned (USR2) at least 1 s before its limit"
+        )
+    room = time_min * 60 - signal_delay_s
+    if room < startup_s:
+        raise ConfigError(
+            f"--time {time_min} min with --signal-delay {signal_delay_s} s warns the job {room} s after it starts, "
+            f"before its start-up (launch.slurm.startup_s={startup_s}) is through: it would requeue without "
+            f"training; give --time at least {-(-(startup_s + signal_delay_s) // 60)} min"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     redact_output()
     setup_logging(0)
@@ -317,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     except cli.USER_ERRORS as err:
         return cli.fail(err)
     params = executor_parameters(args, jobs[0])
+    try:
+        check_time(params["timeout_min"], args.signal_delay, jobs[0].launch.slurm.startup_s)
+    except ConfigError as err:
+        return cli.fail(err)
     if args.dry_run:
         return dry_run(jobs, params, args.job_dir)
     check_partition(params.get("slurm_partition", ""))

@@ -187,6 +187,10 @@ class SlurmConfig:
     additional: dict[str, str] = field(default_factory=dict)  # more sbatch directives: {mail-type: END}
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts: module load ...
     array_parallelism: int = knob(0, interval="[0, inf)")  # --sweep: one job array, at most this many at once; 0: all
+    # seconds a job needs from its start to its first steps: --time must leave this before the USR2 warning
+    startup_s: int = knob(60, interval="[0, inf)")
+    # requeues after a USR2 warning (preemption, time limit) before the job gives up, naming why
+    max_requeues: int = knob(20, interval="[0, inf)")
 
 
 @dataclass

@@ -13,6 +13,21 @@ from .config import load_config
 logger = logging.getLogger(__name__)
 
 
+def requeue_refusal(requeues: int, max_requeues: int, step: int, first_step: int) -> str:
+    """Why a job warned by USR2 is not requeued again ('' if it is): it has been requeued
+    launch.slurm.max_requeues times, or this attempt trained no step (started at `first_step`,
+    stopped at `step`): warned during its start-up, it would only start again."""
+    resume = "the same launch/slurm.py command resumes the run from its checkpoint"
+    if requeues >= max_requeues:
+        return f"not requeued: requeued {requeues} times already (launch.slurm.max_requeues={max_requeues}); {resume}"
+    if requeues and step <= first_step:
+        return (
+            f"not requeued: this attempt trained no step before the warning (step {step}); raise --time or "
+            f"--signal-delay's room for start-up (launch.slurm.startup_s); {resume}"
+        )
+    return ""
+
+
 class TrainJob:
     """What submitit runs on every task of the job."""
 
@@ -46,12 +61,19 @@ class TrainJob:
         cfg = load_config(self.config_path)
         result = main(cfg)
         if result.status == "stopped":
-            # USR2 is SLURM's warning before preemption or the time limit: requeue. Anything
-            # else (scancel's SIGTERM) stops the job for good, its checkpoint kept.
+            # USR2 is SLURM's warning before preemption or the time limit: requeue, up to
+            # launch.slurm.max_requeues times. Anything else (scancel's SIGTERM) stops the job
+            # for good, its checkpoint kept.
+            stopped = f"stopped by {result.stop_signal} after checkpointing at step {result.step}"
             if result.stop_signal in ("SIGUSR2", "by another rank"):
+                refusal = requeue_refusal(
+                    D.restart_count(), cfg.launch.slurm.max_requeues, result.step, result.first_step
+                )
+                if refusal:
+                    raise RuntimeError(f"{stopped}; {refusal}")
                 self._requeue(requeue)
                 D.shutdown(EXIT_STOPPED)  # leave no result: the requeued job is the continuation
-            raise RuntimeError(f"stopped by {result.stop_signal} after checkpointing at step {result.step}")
+            raise RuntimeError(stopped)
         if dist.is_initialized():
             dist.destroy_process_group()
         return dataclasses.asdict(result)

@@ -40,15 +40,18 @@ class Result:
     run_id: str = ""
     run_dir: str = ""
     stop_signal: str = ""  # what stopped it: SIGUSR2 (SLURM preemption / time limit), SIGTERM, ...
+    first_step: int = 0  # the step this process started from (step - first_step: steps it trained)
 
 
 @dataclass
 class Span:
     """How far training goes: the batches of the epoch in progress (after a resume on another
-    layout, those read before it plus what the rest gives), and the step it ends at."""
+    layout, those read before it plus what the rest gives), the step it ends at, and the step
+    this process started from."""
 
     epoch_length: int
     max_steps: int
+    first_step: int = 0
 
 
 class Trainer:
@@ -126,7 +129,7 @@ class Trainer:
         if s.layouts:
             length = s.batches_before() + self.data.train_loader.batches_left(s.epoch, s.layouts)
         total = s.step + (length - s.batch) + (self.cfg.optim.epochs - s.epoch - 1) * steps
-        return Span(length, self._schedule_end(total if s.epoch < self.cfg.optim.epochs else s.step))
+        return Span(length, self._schedule_end(total if s.epoch < self.cfg.optim.epochs else s.step), s.step)
 
     def _schedule_end(self, total: int) -> int:
         """The step training ends at: the schedule's end (or train.max_steps, if sooner)."""
@@ -308,4 +311,5 @@ class Trainer:
             s.run_id,
             str(self.cfg.run_dir),
             self.stop.signal,
+            self.span.first_step,
         )

@@ -140,6 +140,28 @@ def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_arr
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_time_limit_that_leaves_no_room_for_start_up_is_refused(tmp_path: Path) -> None:
+    """--time 2 with the default 90 s warning leaves 30 s, less than launch.slurm.startup_s (60):
+    refused in one line before anything is submitted, with the --time that would do."""
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    cmd += ["--time", "2", "--dry-run", f"train.output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "warns the job 30 s after it starts" in proc.stderr and "give --time at least 3 min" in proc.stderr
+    ok = subprocess.run([*cmd, "--signal-delay", "60"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_requeues_are_bounded_and_an_attempt_that_trained_nothing_is_not_requeued() -> None:
+    from lsa_dist.jobs import requeue_refusal
+
+    assert requeue_refusal(0, 20, step=40, first_step=0) == ""
+    assert requeue_refusal(3, 20, step=90, first_step=40) == ""
+    assert "requeued 20 times already (launch.slurm.max_requeues=20)" in requeue_refusal(20, 20, 90, 40)
+    assert "trained no step before the warning (step 40)" in requeue_refusal(2, 20, step=40, first_step=40)
+    assert requeue_refusal(0, 0, step=10, first_step=0).startswith("not requeued: requeued 0 times")
+
+
 def test_bad_config_or_unknown_partition_submits_nothing(cluster: dict, demo_shards: Path, tmp_path: Path) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=cluster).stdout
     proc = slurm(cluster, tmp_path, "bad", demo_shards, "--nodes", "2", "optim.lrr=1")
