@@ -40,8 +40,10 @@ install_packages() {
   local created=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created=1; fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
-  [ "$created" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+  local rc=0
+  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } || rc=$?
+  if [ "$created" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi  # also when apt-get failed
+  [ "$rc" -eq 0 ] || die "apt-get could not install ${missing[*]} (exit $rc)"
   return 0
 }
 
@@ -235,7 +237,7 @@ stop() {
       local pid; pid="$(cat "$f")"
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -9 "$pid" 2>/dev/null || true
+      if kill -0 "$pid" 2>/dev/null && ours "$f"; then kill -9 "$pid" 2>/dev/null || true; fi  # still that daemon
     fi
     rm -f "$f"
   done
