@@ -114,11 +114,13 @@ def campaign(args: argparse.Namespace, out: Path) -> dict:
         raise SystemExit(f"the uninterrupted run failed:\n{reference.stderr[-3000:]}")
     run_dir, attempts = out / "chaos", []
     cmd = launch_command(args, out, "chaos")
+    # exactly the share asked for (rounded), at random kills: a draw per kill can give none
+    in_startup = set(rng.sample(range(1, args.kills + 1), round(args.kills * args.startup_share)))
     for kill in range(1, args.kills + 1):
         log = out / f"attempt{kill}.log"
         with log.open("w") as f:
             launcher = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        phase = "start-up" if rng.random() < args.startup_share else "training"
+        phase = "start-up" if kill in in_startup else "training"
         delay = (
             rng.uniform(0, args.startup_window) if phase == "start-up" else rng.uniform(args.min_delay, args.max_delay)
         )
