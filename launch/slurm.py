@@ -44,6 +44,7 @@ from lsa_dist.lock import RunLock, squeue_states  # noqa: E402
 from lsa_dist.log import setup_logging  # noqa: E402
 from lsa_dist.redact import redact_output  # noqa: E402
 from lsa_dist.resume import take_lineage  # noqa: E402
+from lsa_dist.tracking import end_run  # noqa: E402
 
 logger = logging.getLogger("lsa_dist.launch.slurm")  # under the library's logger: one setup shows both
 
@@ -404,12 +405,14 @@ def wait(submitted: list) -> int:
     """Block until every job ends; show each failure with the failing task's error."""
     code = 0
     start = time.time()
-    for cfg, job, _ in submitted:
+    for cfg, job, run_id in submitted:
         wait_until_gone(job.job_id)
         try:
             result = job.results()[0]  # task 0 (rank 0) speaks for the job
         except Exception as err:  # noqa: BLE001 - submitit raises several types for failed jobs
             code = 1
+            # a job cancelled while pending, or whose rank 0 was killed, left its run RUNNING
+            end_run(cfg, run_id, "KILLED" if "CANCELLED" in str(err) else "FAILED")
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(
                 f"job {job.job_id} ({cfg.train.name}) failed after {time.time() - start:.0f} s: {first}",

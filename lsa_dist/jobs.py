@@ -44,7 +44,7 @@ class TrainJob:
         from .cli import EXIT_STOPPED
         from .log import EVERY_RANK, setup_logging
         from .redact import redact_output
-        from .tracking import RUN_ID_ENV
+        from .tracking import RUN_ID_ENV, end_run
         from .train import main
 
         redact_output()  # submitit's log and what libraries print lose their credentials
@@ -59,7 +59,12 @@ class TrainJob:
         if self.run_id:
             os.environ[RUN_ID_ENV] = self.run_id
         cfg = load_config(self.config_path)
-        result = main(cfg)
+        try:
+            result = main(cfg)
+        except Exception:
+            if D.discover().rank == 0:  # failed before its tracker existed (a dataset missing on the nodes)
+                end_run(cfg, self.run_id, "FAILED")  # (a run its tracker ended already stays as it is)
+            raise
         if result.status == "stopped":
             # USR2 is SLURM's warning before preemption or the time limit: requeue, up to
             # launch.slurm.max_requeues times. Anything else (scancel's SIGTERM) stops the job

@@ -219,6 +219,8 @@ class Tracker:
             else:  # they go to the run this process opens (or continues)
                 self.mark.reserve(self.previous, self.start)
             self.client = _client(self.uri)
+            if self.run_id:  # a restarted or requeued attempt continues a run an earlier one ended
+                self._call(lambda: self.client.update_run(self.run_id, status="RUNNING"))
             self.thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
             self.thread.start()
 

@@ -374,3 +374,5 @@ def test_a_task_killed_with_sigkill_ends_the_job(cluster: dict, demo_shards: Pat
     assert job.returncode == 1
     assert time.time() - killed < 60
     assert "failed" in err and ("Killed" in err or "signal" in err.lower())
+    (run,) = mlflow_runs(tmp_path, "killed")
+    assert run.info.status == "FAILED"  # not left RUNNING, whichever rank died

@@ -590,6 +590,20 @@ def test_metrics_reach_mlflow_once_from_metrics_jsonl_after_an_outage_and_in_a_l
     assert [r["step"] for r in rows] == [*range(1, 10), 1, 2]  # the file has everything, in order
 
 
+def test_an_attempt_that_continues_an_ended_run_marks_it_running_again(tmp_path: Path) -> None:
+    """A --max-restarts attempt continues a run its crashed predecessor ended FAILED, a requeued
+    SLURM attempt one ended KILLED: each trains under RUNNING, and ends with its own status."""
+    cfg = RunConfig()
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = prepare(cfg)
+    for before in ("FAILED", "KILLED"):
+        client(cfg.tracking.uri).set_terminated(run_id, status=before)
+        tracker = Tracker(cfg, run_id, tmp_path / "metrics.jsonl", flush_every_s=3600)
+        assert client(cfg.tracking.uri).get_run(run_id).info.status == "RUNNING", before
+        tracker.finish("FINISHED")
+        assert client(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
+
+
 def test_the_record_is_read_by_whole_lines_in_pieces(tmp_path: Path) -> None:
     """The catch-up's reader: a line torn by a crash (then appended to) is passed over, a line
     still being written is left for later, a piece ends after about `limit` bytes."""
