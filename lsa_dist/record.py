@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .fs import atomic_write_json
+from .fs import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 RECORD_NAME = "metrics.jsonl"
@@ -175,3 +175,46 @@ class Mark:
                 os.close(fd)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, {"run_id": run_id, "offset": offset})
+
+
+def last_steps(path: Path) -> dict[str, int]:
+    """The last step each metric has a line for in the record ({} without one)."""
+    found: dict[str, int] = {}
+    offset = 0
+    while True:
+        rows, end = read_record(path, offset)
+        for key, _, _, step in rows:
+            found[key] = max(step, found.get(key, step))
+        if end == offset:
+            return found
+        offset = end
+
+
+def cut_record(path: Path, step: int, aside: Path) -> None:
+    """Keep the record's lines up to `step` (a branch goes on from there); the later ones go to
+    aside/metrics.jsonl with the checkpoints they belong to. The mark keeps pointing at the
+    same lines (its offset counts only what is kept)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    mark = Mark(path)
+    on_disk = mark.read()
+    kept, left, passed = [], [], 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                late = int(json.loads(line)["step"]) > step
+            except (ValueError, TypeError, KeyError):
+                late = False  # a torn line stays where it is
+            (left if late else kept).append(line)
+            if on_disk and f.tell() <= on_disk[1] and not late:
+                passed += len(line)
+    if not left:
+        return
+    aside.mkdir(parents=True, exist_ok=True)
+    with (aside / RECORD_NAME).open("ab") as f:
+        f.write(b"".join(left))
+    atomic_write_bytes(path, b"".join(kept))
+    if on_disk:
+        mark.run_id = on_disk[0]
+        mark._write(on_disk[0], passed)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .record import last_steps
 from .tracking import Recorded, Tracker, append_record
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,13 @@ class MetricsFile:
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        # what an earlier attempt logged: the steps a restart trains again are not logged twice
+        self.logged = last_steps(path) if enabled else {}
+
+    def fresh(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """The metrics not logged before at this step or later (resume is exact: a step trained
+        again gives the same numbers)."""
+        return {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
 
     def write(self, metrics: dict[str, float], step: int) -> Recorded | None:
         """One line {"step", "time", **metrics}; where it went (None on other ranks)."""
@@ -114,7 +122,9 @@ class Sinks:
         self.file, self.tracker, self.console = metrics_file, tracker, console
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        # the line is in the file before MLflow is given it: the mark never passes an unwritten line
-        at = self.file.write(metrics, step)
-        self.tracker.log_metrics(metrics, step, at)
         self.console.show(metrics, step)
+        metrics = self.file.fresh(metrics, step)
+        if metrics:
+            # the line is in the file before MLflow is given it: the mark never passes an unwritten line
+            at = self.file.write(metrics, step)
+            self.tracker.log_metrics(metrics, step, at)

@@ -519,7 +519,8 @@ def test_metrics_reach_mlflow_once_from_metrics_jsonl_after_an_outage_and_in_a_l
     """Rank 0's sinks write metrics.jsonl and feed the Tracker (flushed by hand here): metrics
     logged during an outage are sent once from the file when the server is back; a later
     process of the same run sends what the earlier one left unsent, once; a PENDING process
-    opens the run and sends its lines; a new run in the same folder gets nothing of the old."""
+    opens the run and sends its lines; another MLflow run for the same folder gets nothing of
+    the first one's unsent lines (a new lineage sets the record aside: the next test)."""
     cfg = RunConfig()
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     record = tmp_path / "run" / "metrics.jsonl"
@@ -574,20 +575,20 @@ def test_metrics_reach_mlflow_once_from_metrics_jsonl_after_an_outage_and_in_a_l
     log(sinks, 9)
     tracker.finish("KILLED")  # step 9 of the first run is left unsent
     server.down = False
-    second = prepare(cfg)  # a new run in the same folder
+    second = prepare(cfg)  # another MLflow run for the same folder (the first one was deleted, say)
     tracker, sinks = process(second)
-    log(sinks, 1)
+    log(sinks, 10)
     tracker.finish()
-    assert delivered(second) == [1] and delivered(first) == list(range(1, 9))
+    assert delivered(second) == [10] and delivered(first) == list(range(1, 9))
     assert f"metrics of MLflow run {first} that never reached it" in capsys.readouterr().err
 
     tracker, sinks = process(PENDING, previous=second)  # the server was down at launch
-    log(sinks, 2)
+    log(sinks, 11)
     tracker.finish()
     assert f"is back: run {second}" in capsys.readouterr().err
-    assert delivered(second) == [1, 2] and history(second) == [1, 2] and history(first) == list(range(1, 9))
+    assert delivered(second) == [10, 11] and history(second) == [10, 11] and history(first) == list(range(1, 9))
     rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [*range(1, 10), 1, 2]  # the file has everything, in order
+    assert [r["step"] for r in rows] == list(range(1, 12))  # the file has everything, in order
 
 
 def test_an_attempt_that_continues_an_ended_run_marks_it_running_again(tmp_path: Path) -> None:
@@ -602,6 +603,61 @@ def test_an_attempt_that_continues_an_ended_run_marks_it_running_again(tmp_path:
         assert client(cfg.tracking.uri).get_run(run_id).info.status == "RUNNING", before
         tracker.finish("FINISHED")
         assert client(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_steps_a_restart_trains_again_are_recorded_and_sent_once(tmp_path: Path) -> None:
+    """A restart resumes from the checkpoint at step 6 after step 10 was logged: steps 7-10
+    are trained again (with the same numbers) but not logged again; 11 and 12 are."""
+    cfg = RunConfig()
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = tmp_path / "metrics.jsonl"
+    run_id = prepare(cfg)
+
+    def attempt(steps: range) -> None:
+        tracker = Tracker(cfg, run_id, record, flush_every_s=3600)
+        sinks = Sinks(MetricsFile(record, True), tracker, Console(False, 1, 1))
+        for step in steps:
+            sinks.log({"train/loss": 1.0 / step}, step)
+        tracker.finish("KILLED")
+
+    attempt(range(1, 11))
+    attempt(range(7, 13))
+    lines = [json.loads(line)["step"] for line in record.read_text().splitlines()]
+    assert lines == list(range(1, 13))
+    history = client(cfg.tracking.uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+
+
+def test_what_a_new_lineage_or_a_branch_leaves_takes_its_metrics_along(tmp_path: Path) -> None:
+    """train.overwrite=true (a new lineage): the record and its MLflow mark go into set_aside/
+    with the checkpoints, so nothing of the old lineage reaches the new run. A branch from the
+    checkpoint at step 3: the lines after step 3 go aside, the mark still points at the same
+    (kept) lines."""
+    from lsa_dist.resume.plan import ResumePlan, set_record_aside
+
+    run = tmp_path / "run"
+    record = run / "metrics.jsonl"
+    run.mkdir()
+    for step in range(1, 7):
+        append_record(record, {"train/loss": 1.0 / step}, step)
+    mark = run / MARK_NAME
+    sent = len("".join(record.read_text().splitlines(keepends=True)[:4]).encode())  # MLflow has steps 1-4
+    mark.write_text(json.dumps({"run_id": "old", "offset": sent}))
+    branch = run / "checkpoints" / "step-00000003"
+    branch.mkdir(parents=True)
+    (branch / "meta.json").write_text(json.dumps({"step": 3}))
+    set_record_aside(ResumePlan(folder=branch, leave=[run / "checkpoints" / "step-00000006"]), run, run / "aside1")
+    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in (run / "aside1" / "metrics.jsonl").read_text().splitlines()] == [
+        4,
+        5,
+        6,
+    ]
+    assert json.loads(mark.read_text()) == {"run_id": "old", "offset": record.stat().st_size}
+    (run / "aside2").mkdir()
+    set_record_aside(ResumePlan(folder=None, leave=[branch]), run, run / "aside2")
+    assert not record.exists() and not mark.exists()
+    assert (run / "aside2" / "metrics.jsonl").is_file() and (run / "aside2" / MARK_NAME).is_file()
 
 
 def test_the_record_is_read_by_whole_lines_in_pieces(tmp_path: Path) -> None:

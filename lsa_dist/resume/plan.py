@@ -15,6 +15,7 @@ from typing import Any
 from ..checkpoint import META, CheckpointError, CheckpointManager, read_meta
 from ..config import RunConfig, flatten, flatten_tree, is_math_key
 from ..fs import atomic_write_bytes, atomic_write_text, fsync_dir
+from ..record import MARK_NAME, RECORD_NAME, cut_record
 from ..redact import first_line
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,22 @@ def take_lineage(plan: ResumePlan, run_dir: Path, say: Callable[[str], None] = l
     why = {folder: fault for folder, fault in plan.passed_over}
     moved = set_aside(run_dir, present, {f.name: why.get(f, "left by a new lineage or branch") for f in present})
     if plan.leave:
+        set_record_aside(plan, Path(run_dir), moved)
         say(f"train.resume={plan.resume}: {len(plan.leave)} earlier checkpoint(s) moved to {moved}")
+
+
+def set_record_aside(plan: ResumePlan, run_dir: Path, aside: Path) -> None:
+    """The metrics of what a new lineage or a branch leaves go with its checkpoints: the whole
+    record and its MLflow mark for a new lineage (none of it may reach the new run), the lines
+    after the branch's step for a branch of this run."""
+    record = run_dir / RECORD_NAME
+    own = checkpoints_of(run_dir).root.resolve()
+    if plan.folder is not None and plan.folder.resolve().parent == own:
+        cut_record(record, int(read_meta(plan.folder).get("step", 0)), aside)
+        return
+    for path in (record, record.with_name(MARK_NAME)):
+        if path.is_file():
+            path.rename(aside / path.name)
 
 
 def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
