@@ -37,7 +37,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from .dist import RESTART_ENV
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the launcher's defaults
+# forwarded to the workers as a stop: torch's launcher's defaults, and SLURM's warning signals
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def run_attempt(nproc: int, args: list[str], stop_timeout: int) -> tuple[list[Wo
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=tmp),
             shutdown_timeout=stop_timeout,
+            signals_to_handle=",".join(sig.name for sig in HANDLED_SIGNALS),
         )
         try:
             elastic_launch(config, sys.executable)(*args)

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from lsa_dist.cli import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_STOPPED
 from lsa_dist.elastic import run_workers
 
@@ -36,8 +38,9 @@ if action[0] == "stop":  # as a rank stopping on request: SIGTERM from the launc
     while len(open(sys.argv[1]).read().split()) < 2 * int(os.environ["WORLD_SIZE"]):
         time.sleep(0.01)
     sys.exit(3)
-if action[0] == "wait-term":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+if action[0] == "wait-term":  # a stop signal: exit as stopped
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(stop, lambda *_: sys.exit(3))
     time.sleep(60)
 sys.exit(int(action[1]))
 """
@@ -87,19 +90,20 @@ def test_a_finished_run_and_a_requested_stop_are_not_failures(tmp_path: Path) ->
     assert stopped.stopped and restarts == []
 
 
-def test_the_launchers_sigterm_reaches_the_workers_and_nothing_restarts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_the_launchers_stop_signal_reaches_the_workers_and_nothing_restarts(tmp_path: Path, sig: int) -> None:
     starts = tmp_path / "starts.txt"
 
     def terminate_once_both_started() -> None:
         while not starts.exists() or len(starts.read_text().split()) < 4:
             time.sleep(0.05)
         time.sleep(0.5)  # their SIGTERM handlers are set
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
     sender = threading.Thread(target=terminate_once_both_started, daemon=True)
     sender.start()
     outcome, restarts, _ = launch(tmp_path, "0:wait-term;1:wait-term", max_restarts=2)
     sender.join()
-    assert outcome.launcher_signal == "SIGTERM" and restarts == []
+    assert outcome.launcher_signal == signal.Signals(sig).name and restarts == []
     assert outcome.stopped and [e.code for e in outcome.exits] == [EXIT_STOPPED, EXIT_STOPPED]
     assert signal.getsignal(signal.SIGTERM) is not None and sys.exc_info() == (None, None, None)
