@@ -11,7 +11,7 @@ once and the first failing rank's last lines are shown; with --max-restarts K th
 restarted from the run's last checkpoint instead, up to K times. Ctrl-C (or SIGTERM) is
 forwarded: the workers checkpoint and stop, and the same command resumes the run.
 
-Exit codes: 0 done, 1 crash, 2 bad input, 3 stopped after checkpointing.
+Exit codes: 0 done, 1 crash, 2 bad input, 3 stopped (after checkpointing, or during start-up).
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def report(cfg: RunConfig, outcome: Outcome, offsets: dict[int, int], run_id: st
         print(f"all logs: {run_dir / 'logs'}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT if first.code == cli.EXIT_BAD_INPUT else cli.EXIT_CRASH
     if outcome.stopped:
-        print(f"stopped after checkpointing; run the same command to resume ({run_dir / 'checkpoints'})")
+        if all(e.code == cli.EXIT_STOPPED for e in outcome.exits):
+            print(f"stopped after checkpointing; run the same command to resume ({run_dir / 'checkpoints'})")
+        else:  # a worker still starting up ended by the signal itself: nothing new to save yet
+            end_run(cfg, run_id, "KILLED")
+            print(f"stopped during start-up; run the same command to resume ({run_dir / 'checkpoints'})")
         return cli.EXIT_STOPPED
     restarted = f" after {outcome.restarts} restart(s)" if outcome.restarts else ""
     print(f"\nrun folder{restarted}: {run_dir} (metrics.jsonl, checkpoints/, model.pt, logs/)")

@@ -60,11 +60,18 @@ class Outcome:
     launcher_signal: str = ""  # SIGINT/SIGTERM received by the launcher, forwarded to the workers
 
     def failures(self) -> list[WorkerExit]:
-        return failures(self.exits)
+        """The workers that failed; one ended by the very signal the launcher forwarded (still
+        starting up, before its stop handlers existed) stopped on request."""
+        return [e for e in failures(self.exits) if e.code != self.forwarded]
+
+    @property
+    def forwarded(self) -> int | None:
+        """The exit code of a worker ended by the forwarded signal (None: nothing forwarded)."""
+        return -signal.Signals[self.launcher_signal] if self.launcher_signal else None
 
     @property
     def stopped(self) -> bool:
-        return not self.failures() and any(e.code == EXIT_STOPPED for e in self.exits)
+        return not self.failures() and any(e.code in (EXIT_STOPPED, self.forwarded) for e in self.exits)
 
 
 def failures(exits: list[WorkerExit]) -> list[WorkerExit]:
@@ -195,12 +202,16 @@ def run_attempt(nproc: int, args: list[str], stop_timeout: int) -> tuple[list[Wo
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
     now, finished = time.monotonic(), not codes and not stopped_by
+    # A worker the forwarded signal ends at once can be reaped by the launcher before the
+    # watch reads its status: it counts as ended by that signal. After a failure, a rank the
+    # launcher stopped before it was seen to exit is left out.
+    unseen = -signal.Signals[stopped_by] if stopped_by else EXIT_OK
     exits = []
-    for rank in range(nproc):  # a rank the launcher stopped before it was seen to exit is left out
+    for rank in range(nproc):
         if rank in watch.exits:
             exits.append(watch.exits[rank])
-        elif rank in codes or finished:
-            exits.append(WorkerExit(rank, codes.get(rank, EXIT_OK), now))
+        elif rank in codes or finished or stopped_by:
+            exits.append(WorkerExit(rank, codes.get(rank, unseen), now))
     return exits, stopped_by
 
 

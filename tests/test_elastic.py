@@ -105,5 +105,25 @@ def test_the_launchers_stop_signal_reaches_the_workers_and_nothing_restarts(tmp_
     outcome, restarts, _ = launch(tmp_path, "0:wait-term;1:wait-term", max_restarts=2)
     sender.join()
     assert outcome.launcher_signal == signal.Signals(sig).name and restarts == []
-    assert outcome.stopped and [e.code for e in outcome.exits] == [EXIT_STOPPED, EXIT_STOPPED]
+    # each exits 3 (one the launcher reaps before its exit is read counts as ended by the signal)
+    assert outcome.stopped and outcome.failures() == [] and len(outcome.exits) == 2
+    assert EXIT_STOPPED in [e.code for e in outcome.exits]
     assert signal.getsignal(signal.SIGTERM) is not None and sys.exc_info() == (None, None, None)
+
+
+def test_a_worker_the_forwarded_signal_ends_while_starting_up_stopped_rather_than_failed(tmp_path: Path) -> None:
+    """Before a worker has its stop handlers (still importing), the signal the launcher forwards
+    ends it: that is the stop asked for, not a crash, and nothing restarts."""
+    starts = tmp_path / "starts.txt"
+
+    def terminate_once_both_started() -> None:
+        while not starts.exists() or len(starts.read_text().split()) < 4:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_once_both_started, daemon=True)
+    sender.start()
+    outcome, restarts, _ = launch(tmp_path, "0:wait-term-forever;1:wait-term-forever", max_restarts=2)
+    sender.join()
+    assert [e.code for e in outcome.exits] == [-signal.SIGTERM, -signal.SIGTERM]
+    assert outcome.failures() == [] and outcome.stopped and restarts == []

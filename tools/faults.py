@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Fault matrix: the signals a cluster sends, at each phase of a run, with each shard reader,
+and whether every one ends well.
+
+    python tools/faults.py --config configs/demo.yaml [--all] [--limit N] [--json faults.json] [key=value ...]
+
+A cell is (signal, target, phase, reader): SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 or SIGKILL,
+sent to launch/local.py alone or to its whole process group, during start-up, mid-training,
+during an evaluation or while a checkpoint is written, with shards read from local WebDataset
+tars, through a `pipe:` command, over http (curl) or from FFCV files. Each cell starts the run,
+waits for its phase (a state: the workers exist, a new step, the epoch's last step with a slow
+evaluation after it, a checkpoint being staged), sends the signal, then runs the same command
+until the run finishes, and compares its weights with an uninterrupted run of the same reader.
+
+Expected: a stop signal checkpoints and exits 3; SIGKILL kills the launcher (its workers
+checkpoint and stop on their own); either way the same command resumes, and the final weights
+equal the uninterrupted run's tensor by tensor. By default a covering subset runs: every pair
+of values of any two dimensions in at least one cell; `--all` runs the full product. Prints a
+table (and writes JSON); exit 0 only if every cell ended as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from chaos import compare, last_step, processes_of  # noqa: E402
+
+from lsa_dist import cli  # noqa: E402
+
+SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
+TARGETS = ("launcher", "group")
+PHASES = ("start-up", "training", "evaluation", "checkpoint")
+READERS = ("wds", "pipe", "http", "ffcv")
+# an evaluation long enough to be signalled in: the training split, 2 images a batch
+SLOW_EVAL = ("data.val_split=train", "data.eval_batch_size=2")
+
+
+@dataclass
+class Cell:
+    signal: str
+    target: str
+    phase: str
+    reader: str
+    expected: str = ""
+    observed: str = ""
+    stop_step: int | None = None  # the checkpoint the stop wrote (a stop signal)
+    relaunches: int = 0
+    identical: str = ""  # "126/126" tensors equal to the uninterrupted run's
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        same, _, total = self.identical.partition("/")
+        return self.observed == self.expected and bool(total) and same == total
+
+
+def covering(seed: int) -> list[Cell]:
+    """Cells such that every pair of values of any two dimensions is in one of them (greedy,
+    from a seeded order of the full product)."""
+    dims = (SIGNALS, TARGETS, PHASES, READERS)
+    product = list(itertools.product(*dims))
+    random.Random(seed).shuffle(product)
+
+    def pairs(cell: tuple) -> set:
+        return {(i, cell[i], j, cell[j]) for i, j in itertools.combinations(range(len(dims)), 2)}
+
+    left = set().union(*(pairs(c) for c in product))
+    chosen = []
+    while left:
+        best = max(product, key=lambda c: len(pairs(c) & left))
+        chosen.append(best)
+        left -= pairs(best)
+    return [Cell(*c) for c in sorted(chosen, key=lambda c: [d.index(v) for d, v in zip(dims, c)])]
+
+
+class ShardServer:
+    """The dataset's shards over http on a free local port, in this process (outside the
+    launcher's process group)."""
+
+    def __init__(self, root: Path) -> None:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        handler.log_message = lambda *a: None  # type: ignore[method-assign]
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def reader_overrides(reader: str, root: Path, server: ShardServer) -> list[str]:
+    return {
+        "wds": [],
+        "pipe": [f"data.urls=pipe:cat {root}/wds/{{shard}}"],
+        "http": [f"data.urls={server.url}/wds/{{shard}}"],
+        "ffcv": ["data.format=ffcv"],
+    }[reader]
+
+
+def command(args: argparse.Namespace, out: Path, name: str, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--config", str(args.config), "--nproc", str(args.nproc)]
+    return cmd + [*args.overrides, *SLOW_EVAL, *extra, f"train.output_dir={out}", f"train.name={name}"]
+
+
+def reached(phase: str, run_dir: Path, steps_per_epoch: int) -> bool:
+    """Whether the run is in `phase` now (each a state, never a delay)."""
+    if phase == "start-up":
+        return bool(processes_of(run_dir))
+    if phase == "training":
+        return last_step(run_dir) >= 2
+    if phase == "evaluation":  # the epoch's last step is logged; its evaluation runs now
+        return last_step(run_dir) >= steps_per_epoch
+    staging = run_dir / "checkpoints" / ".staging"
+    return staging.is_dir() and any(staging.iterdir())
+
+
+def run_cell(args: argparse.Namespace, cell: Cell, out: Path, extra: list[str], steps_per_epoch: int) -> None:
+    """Start the run, signal it in its phase, then finish it with the same command."""
+    name = f"{cell.signal}-{cell.target}-{cell.phase}-{cell.reader}".lower()
+    cmd, run_dir, start = command(args, out, name, extra), out / name, time.time()
+    cell.expected = "killed" if cell.signal == "SIGKILL" else "stopped (exit 3)"
+    with (out / f"{name}.log").open("w") as log:
+        launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while launcher.poll() is None and not reached(cell.phase, run_dir, steps_per_epoch):
+            time.sleep(0.005)
+        if launcher.poll() is not None:
+            cell.observed = f"ended before its phase (exit {launcher.returncode})"
+            return
+        sig = signal.Signals[cell.signal]
+        os.killpg(launcher.pid, sig) if cell.target == "group" else launcher.send_signal(sig)
+        code = launcher.wait(timeout=600)
+    deadline = time.time() + 60
+    while processes_of(run_dir) and time.time() < deadline:  # SIGKILL: the workers stop on their own
+        time.sleep(0.1)
+    cell.observed = {3: "stopped (exit 3)", -signal.SIGKILL: "killed"}.get(code, f"exit {code}")
+    meta = run_dir / "checkpoints" / "latest"
+    if meta.is_file():
+        step_meta = run_dir / "checkpoints" / meta.read_text().strip() / "meta.json"
+        cell.stop_step = json.loads(step_meta.read_text())["step"] if step_meta.is_file() else None
+    for cell.relaunches in range(1, 4):
+        finish = subprocess.run(cmd, capture_output=True, text=True)
+        if finish.returncode == 0:
+            break
+    else:
+        cell.identical = "0/0"
+        return
+    reference = out / f"reference-{'ffcv' if cell.reader == 'ffcv' else 'wds'}" / "model.pt"
+    same, total = compare(reference, run_dir / "model.pt")
+    cell.identical = f"{same}/{total}"
+    cell.seconds = round(time.time() - start, 1)
+
+
+def references(args: argparse.Namespace, out: Path, server: ShardServer, root: Path) -> None:
+    """The uninterrupted runs the cells are compared with: one for the WebDataset readers (local,
+    pipe and http read the same samples), one for FFCV."""
+    for kind in ("wds", "ffcv"):
+        proc = subprocess.run(command(args, out, f"reference-{kind}", reader_overrides(kind, root, server)))
+        if proc.returncode != 0:
+            raise SystemExit(f"the uninterrupted {kind} run failed (exit {proc.returncode})")
+
+
+def table(cells: list[Cell]) -> str:
+    head = f"{'signal':8} {'target':8} {'phase':10} {'reader':6} {'expected':16} {'observed':16} {'stop ckpt':>9} "
+    lines = [head + f"{'relaunch':>8} {'weights':>9} {'s':>6}  ok"]
+    for c in cells:
+        stop = "-" if c.stop_step is None else str(c.stop_step)
+        lines.append(
+            f"{c.signal:8} {c.target:8} {c.phase:10} {c.reader:6} {c.expected:16} {c.observed:16} {stop:>9} "
+            f"{c.relaunches:>8} {c.identical:>9} {c.seconds:>6}  {'yes' if c.ok else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.config_parser(__doc__)
+    parser.add_argument("--all", action="store_true", help="the full product of cells, not a covering subset")
+    parser.add_argument("--limit", type=int, default=0, help="run only the first N cells (a quick check)")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the covering subset's order")
+    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cli.load(args)
+    except cli.USER_ERRORS as err:
+        return cli.fail(err)
+    root = Path(cfg.data.root).resolve()
+    steps_per_epoch = len(json.loads((root / "dataset.json").read_text())["splits"]["train"]["shards"]) and 0
+    cells = [Cell(*c) for c in itertools.product(SIGNALS, TARGETS, PHASES, READERS)] if args.all else covering(args.seed)
+    cells = cells[: args.limit] if args.limit else cells
+    server, started = ShardServer(root), time.time()
+    with tempfile.TemporaryDirectory(prefix="lsa-faults-") as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        references(args, out, server, root)
+        steps_per_epoch = steps_of(out / "reference-wds")
+        for i, cell in enumerate(cells, 1):
+            run_cell(args, cell, out, reader_overrides(cell.reader, root, server), steps_per_epoch)
+            print(f"cell {i}/{len(cells)}: {cell.signal} to the {cell.target} in {cell.phase} ({cell.reader}): "
+                  f"{cell.observed}, weights {cell.identical}", flush=True)
+    print("\n" + table(cells))
+    good = sum(c.ok for c in cells)
+    print(f"\n{good}/{len(cells)} cells ended as expected in {(time.time() - started) / 60:.0f} min")
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(c), "ok": c.ok} for c in cells], indent=1) + "\n")
+    return 0 if good == len(cells) else 1
+
+
+def steps_of(run_dir: Path) -> int:
+    """Steps per epoch of a finished run (its first epoch-end line)."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("epoch") == 1:
+            return int(row["step"])
+    raise SystemExit(f"{run_dir} logged no epoch end: give the runs at least 2 epochs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
