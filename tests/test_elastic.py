@@ -41,6 +41,8 @@ if action[0] == "stop":  # as a rank stopping on request: SIGTERM from the launc
 if action[0] == "wait-term":  # a stop signal: exit as stopped
     for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(stop, lambda *_: sys.exit(3))
+    with open(sys.argv[1] + ".ready", "a") as f:
+        f.write(f"{rank}\n")
     time.sleep(60)
 sys.exit(int(action[1]))
 """
@@ -95,9 +97,9 @@ def test_the_launchers_stop_signal_reaches_the_workers_and_nothing_restarts(tmp_
     starts = tmp_path / "starts.txt"
 
     def terminate_once_both_started() -> None:
-        while not starts.exists() or len(starts.read_text().split()) < 4:
+        ready = starts.with_name("starts.txt.ready")  # both have their stop handlers
+        while not ready.exists() or len(ready.read_text().split()) < 2:
             time.sleep(0.05)
-        time.sleep(0.5)  # their SIGTERM handlers are set
         os.kill(os.getpid(), sig)
 
     sender = threading.Thread(target=terminate_once_both_started, daemon=True)
