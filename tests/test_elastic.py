@@ -42,7 +42,7 @@ if action[0] == "wait-term":  # a stop signal: exit as stopped
     for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(stop, lambda *_: sys.exit(3))
     with open(sys.argv[1] + ".ready", "a") as f:
-        f.write(f"{rank}\n")
+        f.write(f"{rank}\\n")
     time.sleep(60)
 sys.exit(int(action[1]))
 """
