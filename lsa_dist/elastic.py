@@ -220,17 +220,21 @@ def run_workers(nproc: int, args: list[str], *, max_restarts: int, stop_timeout:
     torch's launcher) until they all end, restarting them after a crash up to `max_restarts`
     times; `on_restart(failure, restart, max_restarts)` before each restart."""
     quiet_agent()
-    restarts = 0
-    while True:
-        os.environ[RESTART_ENV] = str(restarts)
-        exits, stopped_by = run_attempt(nproc, args, stop_timeout)
-        outcome = Outcome(exits, restarts, stopped_by)
-        failed = outcome.failures()
-        # a requested stop, or bad input first: neither would go better on a restart
-        if stopped_by or not failed or failed[0].code == EXIT_BAD_INPUT or restarts >= max_restarts:
-            return outcome
-        restarts += 1
-        on_restart(failed[0], restarts, max_restarts)
+    restarts, environment = 0, dict(os.environ)
+    try:
+        while True:
+            os.environ[RESTART_ENV] = str(restarts)  # what the workers inherit
+            exits, stopped_by = run_attempt(nproc, args, stop_timeout)
+            outcome = Outcome(exits, restarts, stopped_by)
+            failed = outcome.failures()
+            # a requested stop, or bad input first: neither would go better on a restart
+            if stopped_by or not failed or failed[0].code == EXIT_BAD_INPUT or restarts >= max_restarts:
+                return outcome
+            restarts += 1
+            on_restart(failed[0], restarts, max_restarts)
+    finally:  # this process's own environment as it was (torch's launcher adds TORCHELASTIC_* too)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 class Echo:

@@ -67,6 +67,8 @@ def test_a_crash_restarts_every_worker_up_to_the_limit_and_each_start_is_counted
     outcome, restarts, starts = launch(tmp_path, "1:exit 1", max_restarts=2)
     assert starts == ["0 0", "0 1", "0 2", "1 0", "1 1", "1 2"]
     assert [(f.rank, f.code, n, most) for f, n, most in restarts] == [(1, 1, 1, 2), (1, 1, 2, 2)]
+    assert "LSA_RESTART_COUNT" not in os.environ  # the caller's environment is left as it was
+    assert not any(key.startswith("TORCHELASTIC_") for key in os.environ)
     assert outcome.restarts == 2 and [(e.rank, e.code) for e in outcome.failures()] == [(1, EXIT_CRASH)]
 
 
