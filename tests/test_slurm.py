@@ -252,12 +252,12 @@ def test_a_sweep_runs_as_one_throttled_array_on_a_copy_of_the_code(
 
 def assert_owner_only(folder: Path, setup_line: str) -> None:
     """The sbatch script submitit keeps (with the launch.slurm.setup lines) is the owner's
-    alone (0600), in folders that are too (0700)."""
+    alone (0600), in folders that are too (0700): submitit's folder below `folder` and its own."""
     scripts = list(folder.rglob("*_submission.sh"))
     assert scripts and all(setup_line in p.read_text() for p in scripts)
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in scripts)
-    folders = [p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()]
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in [folder, *folders])
+    folders = [p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()]  # submitit's folders
+    assert folders and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in folders)
 
 
 LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2
