@@ -645,9 +645,15 @@ def shard_server(demo_shards: Path):
     server.shutdown()
 
 
-@pytest.mark.parametrize("reader", ["pipe", "http"])
-@pytest.mark.parametrize("workers", [0, 1])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize(  # each signal, worker count and reader at least twice, each pair once
+    "sig,workers,reader",
+    [
+        (signal.SIGTERM, 1, "pipe"),
+        (signal.SIGTERM, 0, "http"),
+        (signal.SIGUSR1, 0, "pipe"),
+        (signal.SIGUSR1, 1, "http"),
+    ],
+)
 def test_a_stop_signal_to_the_whole_process_group_kills_no_loader_worker_or_shard_reader(
     demo_shards: Path, shard_server: str, tmp_path: Path, reader: str, workers: int, sig: int
 ) -> None:
