@@ -365,8 +365,9 @@ def test_a_stop_during_evaluation_checkpoints_at_once_and_the_evaluation_runs_on
     assert not any("val/top1" in r for r in rows)
     assert_ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600))
     rows = [json.loads(line) for line in (tmp_path / "hup" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "val/top1" in r]
-    assert [(r["step"], r["epoch"]) for r in evals] == [(44, 1)] and evals[0]["val/images"] == 1438
+    evals = [r for r in rows if "val/top1" in r]  # the epoch's other metrics were logged at the stop, once
+    assert [r["step"] for r in evals] == [44] and evals[0]["val/images"] == 1438
+    assert [r["epoch"] for r in rows if "epoch" in r and r["step"] == 44] == [1]
     assert max(r["step"] for r in rows) == 50
 
 
