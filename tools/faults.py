@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from chaos import compare, last_step, processes_of  # noqa: E402
+from chaos import compare, last_step, latest_checkpoint, processes_of  # noqa: E402
 
 from lsa_dist import cli  # noqa: E402
 
@@ -149,10 +149,7 @@ def run_cell(args: argparse.Namespace, cell: Cell, out: Path, extra: list[str], 
     while processes_of(run_dir) and time.time() < deadline:  # SIGKILL: the workers stop on their own
         time.sleep(0.1)
     cell.observed = {3: "stopped (exit 3)", -signal.SIGKILL: "killed"}.get(code, f"exit {code}")
-    meta = run_dir / "checkpoints" / "latest"
-    if meta.is_file():
-        step_meta = run_dir / "checkpoints" / meta.read_text().strip() / "meta.json"
-        cell.stop_step = json.loads(step_meta.read_text())["step"] if step_meta.is_file() else None
+    cell.stop_step = latest_checkpoint(run_dir)
     for cell.relaunches in range(1, 4):
         finish = subprocess.run(cmd, capture_output=True, text=True)
         if finish.returncode == 0:
