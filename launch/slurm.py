@@ -334,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = load_jobs(args)
     except cli.USER_ERRORS as err:
         return cli.fail(err)
-    params = executor_parameters(args, jobs[0])
+    cfg = jobs[0]
+    params = executor_parameters(args, cfg)
     try:
-        check_time(params["timeout_min"], args.signal_delay, jobs[0].launch.slurm.startup_s)
+        check_time(params["timeout_min"], args.signal_delay, cfg.launch.slurm.startup_s)
     except ConfigError as err:
         return cli.fail(err)
     if args.dry_run:

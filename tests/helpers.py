@@ -8,8 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# configs/demo.yaml shrunk to a 16-wide, 3-block LSA: fast real training runs
+# configs/demo.yaml shrunk to a 16-wide, 3-block LSA in fp32: fast real training runs (a CPU
+# without bf16 units emulates bf16 matmuls, ~3x slower steps); tests of bf16 ask for it
 TINY = [
+    "engine.precision=fp32",
     "model.options.widths=[16,16]",
     "model.options.heads=[2,2]",
     "model.options.depths=[2,1]",

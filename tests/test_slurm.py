@@ -260,8 +260,10 @@ def assert_owner_only(folder: Path, setup_line: str) -> None:
     assert folders and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in folders)
 
 
-LONG_EPOCHS = 3  # 132 steps: past the 60 s at which a 2-minute allocation gets its USR2
-LONG = (f"optim.epochs={LONG_EPOCHS}", "checkpoint.every_steps=0")
+# 176 bf16 steps (~0.3 s each here): a 2-minute allocation with --signal-delay 75 gets its USR2
+# 45 s in, long before the run could end (it would have to step 2x as fast)
+LONG_EPOCHS = 4
+LONG = (f"optim.epochs={LONG_EPOCHS}", "checkpoint.every_steps=0", "engine.precision=bf16")
 LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: an urgent job must preempt
 
 
@@ -306,11 +308,12 @@ def test_preemption_and_time_limit_checkpoint_requeue_and_finish_identically(
     cluster: dict, demo_shards: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
     """Preempted by an urgent job early in its first allocation, then cut by its 2-minute time
-    limit (USR2 60 s before it) in the next: each time it checkpoints, requeues and continues from
+    limit (USR2 75 s before it) in the next: each time it checkpoints, requeues and continues from
     the run's own checkpoint (train.resume=never acts at the launch, not on every requeue), and it
     finishes with the uninterrupted run's weights, in one MLflow run."""
     env = slow_requeue(cluster, tmp_path)
-    args = (*LONG_FLAGS, "--time", "2", "--signal-delay", "60", *LONG, "train.resume=never")
+    args = (*LONG_FLAGS, "--time", "2", "--signal-delay", "75", *LONG, "train.resume=never")
+    args = (*args, "launch.slurm.startup_s=30")
     job = slurm(env, tmp_path, "preempted", demo_shards, *args, background=True)
     wait_for_step(tmp_path / "preempted", 5)
     urgent = subprocess.run(
