@@ -8,6 +8,7 @@ loop measures), the evaluator, and the sinks (metrics.jsonl, MLflow, rank 0's co
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ from . import rng
 from .build import Data, Model, build_data, build_model, build_sinks, export_run, write_run_configs
 from .checkpoint import Checkpointer, CheckpointError, CheckpointManager, TrainState
 from .config import RunConfig, to_yaml
+from .data import DatasetError
 from .evaluation import Evaluator
 from .lock import own_run
 from .resume import Here, plan_resume, restore, take_lineage
 from .sinks import Console, metrics_line
 from .stop import StopController
 from .telemetry import Position, StepOutput, Telemetry
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,9 +149,10 @@ class Trainer:
             self._epoch_metrics({"epoch": self.state.epoch})
         while self.state.epoch < self.cfg.optim.epochs and self.state.step < self.span.max_steps:
             self.telemetry.epoch.reset()
-            for images, labels in self._batches():
-                if self.stop.stopping():
+            for batch in self._batches():
+                if batch is None or self.stop.stopping():  # None: a read failed, and the stop explains it
                     return self._stop()
+                images, labels = batch
                 output = self.train_step(images, labels)
                 self._count(output, images.shape[0] * self.env.world_size)
                 self.checkpoint("every_steps")
@@ -205,8 +210,11 @@ class Trainer:
         self.sinks.log(metrics, step)
 
     # -- inside the loop ----------------------------------------------------------------------
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The rest of the epoch's batches, timing how long the loop waits for each."""
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The rest of the epoch's batches, timing how long the loop waits for each. A shard
+        read that fails once this rank was asked to stop ends in None when the ranks' vote
+        (at this step, as the loop would take it) agrees to stop: the signal that stops the
+        run may have ended the reader too. Otherwise the read error stands."""
         s = self.state
         start = s.batch - s.batches_before()  # in this layout's share of the epoch
         batches = self.sinks.console.progress(
@@ -217,7 +225,14 @@ class Trainer:
         iterator = iter(batches)
         while True:
             start = time.perf_counter()
-            batch = next(iterator, None)
+            try:
+                batch = next(iterator, None)
+            except DatasetError as err:
+                if not (self.stop.requested and self.stop.stopping()):
+                    raise
+                logger.warning(f"{err}: read after the stop request ({self.stop.signal}); stopping as asked")
+                yield None
+                return
             if batch is None:
                 return
             self.telemetry.waited(time.perf_counter() - start)

@@ -371,6 +371,28 @@ def test_a_stop_during_evaluation_checkpoints_at_once_and_the_evaluation_runs_on
     assert max(r["step"] for r in rows) == 50
 
 
+def test_a_shard_read_that_fails_after_the_stop_request_is_the_stop(demo_shards: Path, tmp_path: Path) -> None:
+    """A `pipe:` reader ended by the signal that stops the run (here it signals its training
+    process, then fails): the read error is the stop (checkpoint, exit 3), not bad input
+    (exit 2); the same command resumes and finishes once reads work again."""
+    mark = tmp_path / "fail-reads"
+    reader = f"if [ -e {mark} ]; then kill -USR1 $PPID; sleep 2; exit 1; fi; cat {demo_shards}/wds/{{shard}}"
+    args = ("tracking.enabled=false", f"data.urls=pipe:{reader}", "optim.epochs=1", "checkpoint.every_steps=0")
+    cmd = local_command(tmp_path, "reads", demo_shards, *args, nproc=1)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path / "reads", 3, proc)
+    mark.touch()  # the next shard opened (one per 150 images) fails
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]
+    assert "read after the stop request (SIGUSR1); stopping as asked" in out and "cannot read shard" in out
+    meta = json.loads((CheckpointManager(tmp_path / "reads" / "checkpoints", 3, 0).latest() / "meta.json").read_text())
+    assert 3 <= meta["step"] < 89
+    mark.unlink()
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert_ok(done)
+    assert f"resumed from {tmp_path / 'reads'}" in done.stdout + done.stderr
+
+
 def workers_of(run_dir: Path) -> list[str]:
     out = subprocess.run(["pgrep", "-f", f"{run_dir}/launch_config.yaml"], capture_output=True, text=True)
     return out.stdout.split()
