@@ -89,13 +89,12 @@ def build_model(cfg: RunConfig, data: Data, env: DistEnv, device: torch.device, 
         say(f"initialised from {cfg.model.init_from}{''.join(f'; {n}' for n in notes)}")
     config = dict(model.cfg.__dict__)
     macs, num_params = count_macs(model), count_parameters(model)  # before ZeRO-3 partitions it
-    engine = build_engine(cfg, model, data.steps_per_epoch, env.world_size, device)
     ema = None
-    if cfg.optim.ema_decay:
+    if cfg.optim.ema_decay:  # its own plain fp32 copy, made before the engine patches and casts the model
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(engine.module, decay=cfg.optim.ema_decay)
-        ema.module.float()
+        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay, device=device)
+    engine = build_engine(cfg, model, data.steps_per_epoch, env.world_size, device)
     mixup = build_mixup(cfg.data.augment, data.num_classes) if cfg.data.augment.recipe == "imagenet" else None
     return Model(engine, ema, mixup, config, macs, num_params)
 

@@ -2,7 +2,7 @@
 """Fault matrix: the signals a cluster sends, at each phase of a run, with each shard reader,
 and whether every one ends well.
 
-    python tools/faults.py --config configs/demo.yaml [--all] [--limit N] [--json faults.json] [key=value ...]
+    python tools/faults.py --config configs/demo.yaml [--all] [--limit N] [--slurm] [--json faults.json] [key=value ...]
 
 A cell is (signal, target, phase, reader): SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 or SIGKILL,
 sent to launch/local.py alone or to its whole process group, during start-up, mid-training,
@@ -17,6 +17,14 @@ checkpoint and stop on their own); either way the same command resumes, and the 
 equal the uninterrupted run's tensor by tensor. By default a covering subset runs: every pair
 of values of any two dimensions in at least one cell; `--all` runs the full product. Prints a
 table (and writes JSON); exit 0 only if every cell ended as expected.
+
+With `--slurm` (a SLURM cluster reachable from this shell, with an `urgent` partition that
+preempts the default one, as tools/slurm_cluster.sh starts it), four SLURM cells follow, each on
+a 2-node job submitted with `launch/slurm.py --wait` and faulted mid-training: `scancel`
+(expected: a stop checkpoint, not requeued; resubmitting finishes the run), `scancel
+--signal=USR2` and a preemption by an urgent job (expected: a checkpoint, a requeue, and the job
+finishes by itself), and one task SIGKILLed (expected: the job fails; resubmitting resumes from
+the last periodic checkpoint). Their weights are compared with the same uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import itertools
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +61,7 @@ PHASES = ("start-up", "training", "evaluation", "checkpoint")
 READERS = ("wds", "pipe", "http", "ffcv")
 # an evaluation long enough to be signalled in (the training split, 2 images a batch), every
 # step logged (so the epoch's last one is seen), no MLflow
-FIXED = ("data.val_split=train", "data.eval_batch_size=2", "train.log_every=1", "tracking.enabled=false")
+FIXED = ("data.val_split=train", "data.eval_batch_size=2", "tracking.log_every=1", "tracking.enabled=false")
 
 
 @dataclass
@@ -172,13 +182,100 @@ def references(args: argparse.Namespace, out: Path, server: ShardServer, root: P
             raise SystemExit(f"the uninterrupted {kind} run failed (exit {proc.returncode})")
 
 
+SLURM_FAULTS = {  # a fault sent to a running job -> how the cell must end
+    "scancel": "stopped, not requeued",
+    "scancel --signal=USR2": "requeued, finished",
+    "preemption": "requeued, finished",
+    "task SIGKILL": "failed",
+}
+
+
+def slurm_command(args: argparse.Namespace, out: Path, name: str) -> list[str]:
+    """A 2-node job of one task each (the same 2 ranks as the local reference), waited for."""
+    cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(args.config), "--wait"]
+    cmd += ["--nodes", str(args.nproc), "--cpus-per-task", "4", "--time", "30"]
+    return cmd + [*args.overrides, *FIXED, f"train.output_dir={out}", f"train.name={name}"]
+
+
+def submitted_job(log: Path, launcher: subprocess.Popen) -> str:
+    while launcher.poll() is None:
+        found = re.search(r"submitted job (\d+)", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    raise SystemExit(f"launch/slurm.py ended before submitting (exit {launcher.returncode}); see {log}")
+
+
+def send_slurm_fault(fault: str, job: str, run_dir: Path) -> None:
+    if fault == "scancel":
+        subprocess.run(["scancel", job], check=True)
+    elif fault == "scancel --signal=USR2":
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    elif fault == "preemption":  # every node, on the partition that preempts the default one
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True, check=True).stdout
+        cmd = ["sbatch", "-p", "urgent", "-N", nodes.split()[0], "--exclusive", "-o", "/dev/null", "--wrap", "sleep 5"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:  # one task of the job step, as a node's OOM killer would
+        pids = subprocess.run(
+            ["pgrep", "-f", f"submitit.core._submit {run_dir}/slurm/"], capture_output=True, text=True
+        )
+        os.kill(max(int(p) for p in pids.stdout.split()), signal.SIGKILL)
+
+
+def run_slurm_cell(args: argparse.Namespace, cell: Cell, out: Path) -> None:
+    """Submit, fault the job mid-training, wait for it; resubmit until the run is finished."""
+    name = "slurm-" + re.sub(r"\W+", "-", cell.signal).strip("-").lower()
+    cmd, run_dir, start = slurm_command(args, out, name), out / name, time.time()
+    cell.expected = SLURM_FAULTS[cell.signal]
+    log = out / f"{name}.log"
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        job = submitted_job(log, launcher)
+        while launcher.poll() is None and last_step(run_dir) < 2:
+            time.sleep(0.05)
+        if launcher.poll() is not None:
+            cell.observed = f"ended before training (exit {launcher.returncode})"
+            return
+        at = last_step(run_dir)
+        send_slurm_fault(cell.signal, job, run_dir)
+        code = launcher.wait(timeout=1800)
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.out"))
+    saved = latest_checkpoint(run_dir)
+    cell.stop_step = saved if saved is not None and saved >= at else None
+    if code == 0:
+        cell.observed = "requeued, finished" if "resumed from" in logs else "finished (no fault seen)"
+    elif cell.stop_step is not None:
+        cell.observed = "stopped, not requeued"
+    else:
+        cell.observed = "failed" if code == 1 else f"exit {code}"
+    finish = subprocess.CompletedProcess(cmd, code)
+    while finish.returncode != 0 and cell.relaunches < 3:
+        cell.relaunches += 1
+        finish = subprocess.run(cmd, capture_output=True, text=True)
+    if finish.returncode != 0:
+        cell.identical = "0/0"
+        return
+    same, total = compare(out / "reference-wds" / "model.pt", run_dir / "model.pt")
+    cell.identical, cell.seconds = f"{same}/{total}", round(time.time() - start, 1)
+
+
+def slurm_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
+    if shutil.which("squeue") is None or subprocess.run(["squeue", "-h"], capture_output=True).returncode != 0:
+        raise SystemExit("error: --slurm needs a SLURM cluster reachable from this shell (squeue failed)")
+    cells = [Cell(fault, "job", "training", "wds") for fault in SLURM_FAULTS]
+    for i, cell in enumerate(cells, 1):
+        run_slurm_cell(args, cell, out)
+        print(f"SLURM cell {i}/{len(cells)}: {cell.signal}: {cell.observed}, weights {cell.identical}", flush=True)
+    return cells
+
+
 def table(cells: list[Cell]) -> str:
-    head = f"{'signal':8} {'target':8} {'phase':10} {'reader':6} {'expected':16} {'observed':16} {'stop ckpt':>9} "
+    head = f"{'signal':21} {'target':8} {'phase':10} {'reader':6} {'expected':16} {'observed':16} {'stop ckpt':>9} "
     lines = [head + f"{'relaunch':>8} {'weights':>9} {'s':>6}  ok"]
     for c in cells:
         stop = "-" if c.stop_step is None else str(c.stop_step)
         lines.append(
-            f"{c.signal:8} {c.target:8} {c.phase:10} {c.reader:6} {c.expected:16} {c.observed:16} {stop:>9} "
+            f"{c.signal:21} {c.target:8} {c.phase:10} {c.reader:6} {c.expected:16} {c.observed:16} {stop:>9} "
             f"{c.relaunches:>8} {c.identical:>9} {c.seconds:>6}  {'yes' if c.ok else 'NO'}"
         )
     return "\n".join(lines)
@@ -188,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.config_parser(__doc__)
     parser.add_argument("--all", action="store_true", help="the full product of cells, not a covering subset")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N cells (a quick check)")
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (SLURM cells: nodes of one task each)")
+    parser.add_argument("--slurm", action="store_true", help="add the SLURM cells (needs a reachable cluster)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the covering subset's order")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -212,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             run_cell(args, cell, out, reader_overrides(cell.reader, root, server), steps_per_epoch)
             what = f"{cell.signal} to the {cell.target} in {cell.phase} ({cell.reader})"
             print(f"cell {i}/{len(cells)}: {what}: {cell.observed}, weights {cell.identical}", flush=True)
+        if args.slurm:
+            cells += slurm_cells(args, out)
     print("\n" + table(cells))
     good = sum(c.ok for c in cells)
     print(f"\n{good}/{len(cells)} cells ended as expected in {(time.time() - started) / 60:.0f} min")
