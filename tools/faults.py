@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="run only the first N cells (a quick check)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (SLURM cells: nodes of one task each)")
     parser.add_argument("--slurm", action="store_true", help="add the SLURM cells (needs a reachable cluster)")
+    parser.add_argument("--slurm-only", action="store_true", help="only the SLURM cells")
     parser.add_argument("--seed", type=int, default=0, help="seed of the covering subset's order")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = (
         [Cell(*c) for c in itertools.product(SIGNALS, TARGETS, PHASES, READERS)] if args.all else covering(args.seed)
     )
-    cells = cells[: args.limit] if args.limit else cells
+    cells = [] if args.slurm_only else cells[: args.limit] if args.limit else cells
     server, started = ShardServer(root), time.time()
     with tempfile.TemporaryDirectory(prefix="lsa-faults-") as tmp:
         out = args.out or Path(tmp)
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cell(args, cell, out, reader_overrides(cell.reader, root, server), steps_per_epoch)
             what = f"{cell.signal} to the {cell.target} in {cell.phase} ({cell.reader})"
             print(f"cell {i}/{len(cells)}: {what}: {cell.observed}, weights {cell.identical}", flush=True)
-        if args.slurm:
+        if args.slurm or args.slurm_only:
             cells += slurm_cells(args, out)
     print("\n" + table(cells))
     good = sum(c.ok for c in cells)
