@@ -140,7 +140,7 @@ def test_the_demo_writer_replaces_only_its_own_folders(tmp_path: Path) -> None:
     (demo / "stale").write_text("x")
     assert make_demo_dataset(demo)["val"] == 359  # its own folder: replaced whole
     assert (demo / MARKER).is_file() and not (demo / "stale").exists()
-    assert {p.name for p in tmp_path.iterdir()} == {"thesis", "demo"}  # no temporary folder left
+    assert {p.name for p in tmp_path.iterdir()} == {"thesis", "demo", "mlflow.db"}  # no temporary folder left
 
 
 def test_stored_size_keeps_what_evaluation_and_full_scale_crops_need() -> None:

@@ -137,7 +137,7 @@ def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_arr
         "not passed to the job (left in this shell by another launcher): MASTER_PORT, RANK, TORCHELASTIC_RUN_ID" in out
     )
     assert "the job imports a copy of lsa_dist/ made at submission" in out
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert {p.name for p in tmp_path.iterdir()} == {"mlflow.db"}  # nothing written (the database was there)
 
 
 def test_a_time_limit_that_leaves_no_room_for_start_up_is_refused(tmp_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_the_cluster_script_keeps_its_secrets_and_signals_only_its_own_processes
         bystander.kill()
 
 
-@pytest.mark.parametrize("nodes,tasks", [(4, 1), (2, 2)], ids=["4x1", "2x2"])
+@pytest.mark.parametrize("nodes,tasks", [(2, 2)], ids=["2x2"])  # several nodes, several tasks on each
 def test_multi_node_job_matches_the_local_run(
     cluster: dict, demo_shards: Path, tmp_path: Path, nodes: int, tasks: int
 ) -> None:
@@ -268,10 +268,12 @@ LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: a
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster: dict, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: the long job, never interrupted."""
+def uninterrupted(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the long run, never interrupted, on 2 local ranks of 4 threads each (a job
+    of 2 nodes x 1 task with --cpus-per-task 4 gives the same weights)."""
     tmp = tmp_path_factory.mktemp("reference")
-    proc = slurm(cluster, tmp, "reference", demo_shards, *LONG_FLAGS, "--time", "30", *LONG)
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}
+    proc = run_local(tmp, "reference", demo_shards, "tracking.enabled=false", *LONG, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "reference"
 
