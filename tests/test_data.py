@@ -678,6 +678,39 @@ def test_a_stop_signal_to_the_whole_process_group_kills_no_loader_worker_or_shar
     assert out.strip() == f"23 [{int(sig)}]"  # 359 images in batches of 16, every one read
 
 
+# A process that reads a batch from a training and a validation loader, each with a persistent
+# loader worker, then ends through the interpreter's exit (as a SLURM task does, by submitit).
+TWO_LOADERS = """
+import sys
+from lsa_dist.config import DataConfig
+from lsa_dist.data import build_loader
+cfg = DataConfig(root=sys.argv[1], num_workers=1, batch_size=16, image_size=32)
+loaders = [build_loader(cfg, split, 0, 1, train=split == "train") for split in ("train", "val")]
+epochs = [loader.epoch(0) for loader in loaders]  # under way at the exit, as a run's may be
+for epoch in epochs:
+    next(epoch)
+print("read", flush=True)
+"""
+
+
+def test_a_process_with_two_loaders_worth_of_workers_exits(demo_shards: Path, tmp_path: Path) -> None:
+    """At the interpreter's exit every loader worker is killed before any is waited for: the
+    first one's death (torch's SIGCHLD handler raises on it) does not leave the second to
+    multiprocessing's exit handler, which would wait forever on a worker that ignores SIGTERM."""
+    script = tmp_path / "two_loaders.py"
+    script.write_text(TWO_LOADERS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, str(script), str(demo_shards)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-9", "-f", str(script)])
+        raise AssertionError("the process did not exit: a loader worker was left to be waited for") from None
+    assert proc.returncode == 0 and out == "read\n"
+    assert "Exception ignored in atexit" not in err and "is killed by signal" not in err, err
+
+
 def spoil_jpeg(shard: Path, index: int) -> str:
     """Overwrite the JPEG of the shard's `index`-th sample with garbage of the same size (the
     tar stays valid); returns the sample's key."""

@@ -177,9 +177,11 @@ def references(args: argparse.Namespace, out: Path, server: ShardServer, root: P
     """The uninterrupted runs the cells are compared with: one for the WebDataset readers (local,
     pipe and http read the same samples), one for FFCV."""
     for kind in ("wds", "ffcv"):
-        proc = subprocess.run(command(args, out, f"reference-{kind}", reader_overrides(kind, root, server)))
+        with (out / f"reference-{kind}.log").open("w") as log:
+            cmd = command(args, out, f"reference-{kind}", reader_overrides(kind, root, server))
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise SystemExit(f"the uninterrupted {kind} run failed (exit {proc.returncode})")
+            raise SystemExit(f"the uninterrupted {kind} run failed (exit {proc.returncode}); see {log.name}")
 
 
 SLURM_FAULTS = {  # a fault sent to a running job -> how the cell must end
@@ -193,7 +195,7 @@ SLURM_FAULTS = {  # a fault sent to a running job -> how the cell must end
 def slurm_command(args: argparse.Namespace, out: Path, name: str) -> list[str]:
     """A 2-node job of one task each (the same 2 ranks as the local reference), waited for."""
     cmd = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", str(args.config), "--wait"]
-    cmd += ["--nodes", str(args.nproc), "--cpus-per-task", "4", "--time", "30"]
+    cmd += ["--nodes", str(args.nproc), "--cpus-per-task", "1", "--time", "30"]  # the threads of a local rank here
     return cmd + [*args.overrides, *FIXED, f"train.output_dir={out}", f"train.name={name}"]
 
 

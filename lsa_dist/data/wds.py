@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import shlex
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -259,11 +260,15 @@ def _worker_init(_: int) -> None:
 def _end_loader_workers() -> None:
     """At exit, before multiprocessing's own exit handler (atexit runs last-registered first):
     that handler ends daemon children with SIGTERM and waits, and loader workers ignore SIGTERM.
-    They hold nothing to save, so the ones still there are killed."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=10)
+    They hold nothing to save, so the ones still there (a rank has one set per loader) are
+    killed, all of them before any is waited for. torch's SIGCHLD handler, there to report a
+    worker dying mid-epoch, would raise on the first one killed: it is put back to the default."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 MAX_LAYOUTS = 32
