@@ -272,12 +272,12 @@ def slurm_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
 
 
 def table(cells: list[Cell]) -> str:
-    head = f"{'signal':21} {'target':8} {'phase':10} {'reader':6} {'expected':16} {'observed':16} {'stop ckpt':>9} "
+    head = f"{'signal':21} {'target':8} {'phase':10} {'reader':6} {'expected':22} {'observed':22} {'stop ckpt':>9} "
     lines = [head + f"{'relaunch':>8} {'weights':>9} {'s':>6}  ok"]
     for c in cells:
         stop = "-" if c.stop_step is None else str(c.stop_step)
         lines.append(
-            f"{c.signal:21} {c.target:8} {c.phase:10} {c.reader:6} {c.expected:16} {c.observed:16} {stop:>9} "
+            f"{c.signal:21} {c.target:8} {c.phase:10} {c.reader:6} {c.expected:22} {c.observed:22} {stop:>9} "
             f"{c.relaunches:>8} {c.identical:>9} {c.seconds:>6}  {'yes' if c.ok else 'NO'}"
         )
     return "\n".join(lines)
