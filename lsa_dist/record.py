@@ -162,6 +162,11 @@ class Mark:
             send_batches(client, self.run_id, rows)
             self.move(offset)
 
+    def rewind(self, run_id: str, offset: int) -> None:
+        """Put the mark at `offset` for `run_id`, backwards too: for a record cut shorter."""
+        self.run_id, self.offset = run_id, offset
+        self._write(run_id, offset)
+
     def size(self) -> int:
         """The record's length in bytes (0 before its first line)."""
         return self.record.stat().st_size if self.record.is_file() else 0
@@ -216,5 +221,4 @@ def cut_record(path: Path, step: int, aside: Path) -> None:
         f.write(b"".join(left))
     atomic_write_bytes(path, b"".join(kept))
     if on_disk:
-        mark.run_id = on_disk[0]
-        mark._write(on_disk[0], passed)
+        mark.rewind(on_disk[0], passed)
