@@ -101,9 +101,8 @@ class Case:
 
     @property
     def name(self) -> str:
-        short = {False: "no", True: "yes"}
-        parts = [str(short.get(v, v)) if not isinstance(v, int | float) else str(v) for v in self.values.values()]
-        return "-".join(parts).replace(".", "")
+        """The case's run folder name: its values in option order."""
+        return "-".join(str(v) for v in self.values.values()).replace(".", "")
 
     @property
     def ranks(self) -> int:
