@@ -270,8 +270,7 @@ def run_slurm_cell(args: argparse.Namespace, cell: Cell, out: Path) -> None:
     if finish.returncode != 0:
         cell.identical = "0/0"
         return
-    same, total = compare(out / "reference-wds" / "model.pt", run_dir / "model.pt")
-    cell.identical, cell.seconds = f"{same}/{total}", round(time.time() - start, 1)
+    cell.identical, cell.seconds = compared(cell, out, run_dir), round(time.time() - start, 1)
 
 
 def slurm_cells(args: argparse.Namespace, out: Path) -> list[Cell]:
