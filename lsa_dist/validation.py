@@ -66,7 +66,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_model(cfg: RunConfig) -> None:
-    from .models import ModelConfigError, model_config
+    from .models.spec import ModelConfigError, model_config
 
     try:
         model_cfg = model_config(cfg.model.name, **model_overrides(cfg, num_classes=cfg.model.num_classes or 1))

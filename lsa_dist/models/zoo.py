@@ -1,55 +1,13 @@
-"""Named LSA variants and the entry points to build them.
-
-`lsa_tiny`, `lsa_small` and the CIFAR variants are the paper's models; `lsa_base` and
-`lsa_large` extend the ImageNet family (kernel 4 / stride 4 embedding, three stages,
-head width 32 then 64) to about 85 M and 300 M parameters.
-"""
+"""Building a named variant (spec.py names them), from scratch or from the paper's released weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .lsa import CIFAR_SHIFTS, IMAGENET_SHIFTS, LSA, LSAConfig, ModelConfigError
-from .official import OFFICIAL_CONFIGS, config_from_official, from_official, load_official_checkpoint
-
-_IMAGENET_4x4 = dict(patch_kernel=4, patch_stride=4, patch_padding=0, shifts=IMAGENET_SHIFTS, shift_mode="pad")
-_CIFAR = dict(
-    image_size=32,
-    num_classes=10,
-    patch_kernel=3,
-    patch_stride=1,
-    patch_padding=1,
-    shifts=CIFAR_SHIFTS,
-    shift_mode="roll",
-    shared_kv=True,
-)
-
-_VARIANTS: dict[str, dict[str, Any]] = {
-    "lsa_tiny": dict(widths=(192,) * 4, heads=(4,) * 4, depths=(2, 4, 4, 4)),
-    "lsa_small": dict(_IMAGENET_4x4, widths=(64, 192, 384), heads=(2, 6, 12), depths=(2, 2, 10)),
-    "lsa_base": dict(_IMAGENET_4x4, widths=(128, 384, 768), heads=(4, 12, 12), depths=(2, 3, 10)),
-    "lsa_large": dict(_IMAGENET_4x4, widths=(128, 512, 1024), heads=(4, 16, 16), depths=(2, 3, 22)),
-    "lsa_cifar_tiny": dict(_CIFAR, widths=(192,) * 4, heads=(4,) * 4, depths=(2, 4, 4, 4)),
-    "lsa_cifar_small": dict(_CIFAR, widths=(384,) * 4, heads=(6,) * 4, depths=(2, 4, 4, 4)),
-    "lsa_cifar_base": dict(_CIFAR, widths=(768,) * 4, heads=(12,) * 4, depths=(3, 3, 3, 3)),
-}
-
-
-def list_models() -> list[str]:
-    """Names accepted by `create_model`."""
-    return list(_VARIANTS)
-
-
-def model_config(name: str, **overrides: Any) -> LSAConfig:
-    """The LSAConfig of a named variant, with fields overridden (e.g. num_classes=10)."""
-    if name not in _VARIANTS:
-        raise ModelConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(_VARIANTS)}")
-    fields = set(LSAConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ModelConfigError(f"model.{unknown[0]}: not a model option; options are {', '.join(sorted(fields))}")
-    return LSAConfig(**{**_VARIANTS[name], **overrides})
+from .lsa import LSA
+from .official import OFFICIAL_CONFIGS, from_official, load_official_checkpoint
+from .spec import LSAConfig, ModelConfigError, model_config
 
 
 def create_model(name: str, official_checkpoint: str | Path | None = None, **overrides: Any) -> LSA:
@@ -84,10 +42,4 @@ def _with_new_head(model: LSA, num_classes: int) -> LSA:
     return fresh
 
 
-__all__ = [
-    "OFFICIAL_CONFIGS",
-    "config_from_official",
-    "create_model",
-    "list_models",
-    "model_config",
-]
+__all__ = ["create_model"]
