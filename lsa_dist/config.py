@@ -149,6 +149,9 @@ class EngineConfig:
     bucket_size: int = knob(50_000_000, interval="[1, inf)")  # elements per ZeRO reduce/all-gather/prefetch bucket
     peak_tflops: float = knob(0.0, interval="[0, inf)")  # per device (MFU); 0: a known GPU's peak, or measured on CPU
     compile: bool = False  # torch.compile the model
+    # torch.compile's backend: inductor (generated kernels), aot_eager (the captured forward and
+    # backward graphs run eagerly: every capture path at a fraction of the compile time), eager
+    compile_backend: str = knob("inductor", choices=("inductor", "aot_eager", "eager"))
 
 
 @dataclass

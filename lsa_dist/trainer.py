@@ -281,11 +281,13 @@ class Trainer:
     def _announce(self) -> None:
         cfg, e, tracker, m = self.cfg, self.cfg.engine, self.sinks.tracker, self.model
         mlflow = tracker.run_id or ("pending (server down)" if tracker.enabled else "off")
+        backend = "" if e.compile_backend == "inductor" else f" ({e.compile_backend})"
+        compiled = f", compiled{backend}" if e.compile else ""
         self.sinks.console.say(
             f"run {cfg.train.name}: {cfg.model.name} ({m.num_params / 1e6:.2f} M params, "
             f"{m.macs / 1e9:.2f} GMAC/image), {self.env.world_size} ranks x batch {cfg.data.batch_size}, "
             f"{self.data.steps_per_epoch} steps/epoch, {e.backend} ZeRO-{e.zero_stage} {e.precision}"
-            f"{', compiled' if e.compile else ''}, MLflow run {mlflow}; output in {cfg.run_dir}"
+            f"{compiled}, MLflow run {mlflow}; output in {cfg.run_dir}"
         )
 
     def _stop(self) -> Result:
