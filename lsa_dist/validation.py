@@ -50,6 +50,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("engine.offload_optimizer: needs engine.zero_stage >= 1")
     if cfg.optim.ema_decay and cfg.engine.zero_stage == 3:
         raise ConfigError("optim.ema_decay: EMA needs whole parameters on every rank; use engine.zero_stage <= 2")
+    if cfg.engine.compile and cfg.engine.zero_stage == 3:
+        raise ConfigError(
+            "engine.compile: torch.compile cannot trace ZeRO-3's partitioned parameters (gathered by hooks "
+            "around each module); use engine.zero_stage <= 2"
+        )
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither auto, never, nor a checkpoint folder")
     progressive = cfg.data.progressive
