@@ -17,7 +17,9 @@ from .models import LSA
 def apply_to_model(cfg: RunConfig, model: LSA) -> None:
     """Activation checkpointing first (it patches the plain model's blocks), then torch.compile."""
     policy, every_k = cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
-    if cfg.engine.backend == "fairscale":
+    # fairscale's wrapper breaks dynamo's graph and recompiles at every call until dynamo gives the
+    # blocks up to eager: compiled, both backends recompute through torch's checkpoint
+    if cfg.engine.backend == "fairscale" and not cfg.engine.compile:
         if policy != "none":
             from fairscale.nn.checkpoint import checkpoint_wrapper
 
@@ -28,7 +30,7 @@ def apply_to_model(cfg: RunConfig, model: LSA) -> None:
     else:
         apply_activation_checkpointing(model, policy, every_k)
     if cfg.engine.compile:
-        model.compile()
+        model.compile(backend=cfg.engine.compile_backend)
 
 
 def checkpointed_blocks(model: LSA, policy: str, every_k: int) -> list[str]:

@@ -13,7 +13,7 @@ from lsa_dist.config import ConfigError, load_config
 from lsa_dist.dist import check_precision
 from lsa_dist.engine import deepspeed_config, param_groups
 from lsa_dist.models import create_model
-from lsa_dist.parallelize import checkpointed_blocks
+from lsa_dist.parallelize import apply_to_model, checkpointed_blocks
 from lsa_dist.schedule import lr_lambda, peak_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,38 @@ def test_activation_checkpointing_policies_pick_blocks() -> None:
     assert checkpointed_blocks(model, "none", 2) == []
     assert checkpointed_blocks(model, "all", 2) == names
     assert checkpointed_blocks(model, "every_k", 2) == names[::2]
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fairscale"])
+def test_a_compiled_model_with_checkpointed_blocks_compiles_once(backend: str) -> None:
+    """Activation checkpointing under torch.compile (aot_eager: the same capture as inductor) for
+    both backends: the training steps reuse one graph, none recompiles, nothing falls back to eager
+    (fairscale's own wrapper recompiled at every call until dynamo's limit)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"engine.backend={backend}", "engine.zero_stage=1", "engine.activation_checkpointing=all"]
+        + ["engine.compile=true", "engine.compile_backend=aot_eager", "model.options.widths=[16,16]"]
+        + ["model.options.heads=[2,2]", "model.options.depths=[2,1]"],
+    )
+    torch.manual_seed(0)
+    model = create_model("lsa_cifar_tiny", widths=[16, 16], heads=[2, 2], depths=[2, 1])
+    eager = create_model("lsa_cifar_tiny", widths=[16, 16], heads=[2, 2], depths=[2, 1])
+    eager.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    apply_to_model(cfg, model)
+    images = torch.randn(4, 3, 32, 32)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=2):
+        for _ in range(3):
+            model(images).sum().backward()
+    eager(images).sum().backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the forward, once
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, 3 * q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
 
 
 def test_deepspeed_config_follows_the_run_config() -> None:
