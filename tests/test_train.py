@@ -131,44 +131,6 @@ def test_compiled_model_trains_like_the_eager_one(demo_shards: Path, tmp_path: P
         assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "engine",
-    [
-        ("engine.zero_stage=1", "optim.ema_decay=0.9"),
-        ("engine.zero_stage=3",),
-    ],
-    # ZeRO-2: the SIGTERM test; fairscale's and every stage's state through a save and load:
-    # test_checkpoint.py::test_every_engine_continues_on_another_world_size
-    ids=["zero1-ema", "zero3"],
-)
-def test_resume_continues_exactly(demo_shards: Path, tmp_path: Path, engine: tuple[str, ...]) -> None:
-    """The paper's recipe (drop path, RandAugment, mixup/cutmix, erasing, label smoothing):
-    50 steps straight, against 23 steps (mid-epoch: 44 steps per epoch) and a resume to 50."""
-    common = (*engine, *PAPER_RECIPE, "engine.precision=fp32", "checkpoint.every_steps=0")
-    assert_ok(run_local(tmp_path, "straight", demo_shards, *common, "train.max_steps=50"))
-    assert_ok(run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=23"))
-    # the same seed gives the same run: every step's loss of the first launch equals the straight run's
-    first, straight_losses = losses(tmp_path / "resumed"), losses(tmp_path / "straight")
-    assert sorted(first) == list(range(1, 24)) and all(first[s] == straight_losses[s] for s in first)
-    proc = run_local(tmp_path, "resumed", demo_shards, *common, "train.max_steps=50")
-    assert_ok(proc)
-    assert "resumed from" in proc.stdout and "step 23" in proc.stdout
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert losses(tmp_path / "resumed")[50] == straight_losses[50]
-    if "optim.ema_decay=0.9" in engine:
-        # the EMA travels in the checkpoint: the resumed run ends with the same average,
-        # which is its own set of weights, evaluated and exported beside model.pt
-        ema = load_model_file(tmp_path / "straight" / "model_ema.pt").state_dict()
-        ema_resumed = load_model_file(tmp_path / "resumed" / "model_ema.pt").state_dict()
-        assert all(torch.equal(ema[k], ema_resumed[k]) for k in ema)
-        assert any(not torch.equal(ema[k], straight[k]) for k in ema)
-        rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in rows if "val/top1" in r]  # the end of epoch 1 (step 44)
-        assert evals and all(0 <= r["val_ema/top1"] <= 100 and "val_ema/loss" in r for r in evals)
-
-
 # the paper's recipe with a loader worker (its augmentation in another process) and progressive
 # resizing: epoch 0 trains at 24 px, epoch 1 at 32 (the model's size), so a run resumed in epoch 0
 # goes through a size change

@@ -87,6 +87,7 @@ PROGRESSIVE = [  # 16 px in epoch 0, 32 px (the model's size) in epoch 1
     "data.progressive.last_epoch=1",
     "data.progressive.multiple=8",
 ]
+RECOMPILE_LIMIT = "hit config.recompile_limit"
 STOP = 7  # mid-epoch on one rank (10 steps an epoch), in the second epoch on two
 CONFIG = ROOT / "configs" / "demo.yaml"
 
@@ -151,13 +152,16 @@ def refusal(case: Case, setting: Setting) -> str:
     return ""
 
 
-def pairwise(options: dict[str, list[Any]], setting: Setting, seed: int = 0) -> list[Case]:
+# the values that make a case expensive, costliest first: their pairs are covered first, in as
+# few cases as the greedy finds, so that the rest of the cases can do without them
+EXPENSIVE = [("ranks", 2), ("engine.compile", True)]
+
+
+def pairwise(options: dict[str, list[Any]], setting: Setting, tries: int = 4) -> list[Case]:
     """Trained cases covering every pair of values the config accepts together, then a refused
     case for each value refused on its own and each pair refused together (the other options
-    at their first value). The trained cases are built greedily: each starts from a pair not
-    yet covered and gives every other option the value covering most new pairs, the earlier
-    (cheaper) value on a tie, never one refused with a value already chosen; of a few such
-    rows the one covering most is kept, if the config accepts it whole."""
+    at their first value). The trained cases are built greedily (`_greedy`) `tries` times with
+    different seeds; the cheapest set (fewest two-rank cases, then fewest cases) is kept."""
     keys = list(options)
     default = {k: options[k][0] for k in keys}
     checked: dict[tuple, str] = {}
@@ -168,33 +172,50 @@ def pairwise(options: dict[str, list[Any]], setting: Setting, seed: int = 0) -> 
             checked[row] = refusal(Case(dict(row)), setting)
         return checked[row]
 
-    def pair(a: str, va: Any, b: str, vb: Any) -> tuple:
-        return (a, va, b, vb) if keys.index(a) < keys.index(b) else (b, vb, a, va)
-
     refused = [Case({**default, k: v}) for k in keys for v in options[k][1:] if refused_with({k: v})]
     usable = {k: [v for v in options[k] if not refused_with({k: v})] for k in keys}
     bad, wanted = set(), set()
     for a, b in itertools.combinations(keys, 2):
         for va, vb in itertools.product(usable[a], usable[b]):
             if refused_with({a: va, b: vb}):
-                bad.add(pair(a, va, b, vb))
+                bad.add(_pair(keys, a, va, b, vb))
                 refused.append(Case({**default, a: va, b: vb}))
             else:
-                wanted.add(pair(a, va, b, vb))
+                wanted.add(_pair(keys, a, va, b, vb))
+    best = min(
+        (_greedy(keys, usable, bad, set(wanted), refused_with, seed) for seed in range(tries)),
+        key=lambda rows: (sum(int(r.get("ranks", 1)) > 1 for r in rows), len(rows)),
+    )
+    return [Case(row) for row in best] + refused
+
+
+def _pair(keys: list[str], a: str, va: Any, b: str, vb: Any) -> tuple:
+    return (a, va, b, vb) if keys.index(a) < keys.index(b) else (b, vb, a, va)
+
+
+def _greedy(keys: list[str], usable: dict, bad: set, wanted: set, refused_with: Any, seed: int) -> list[dict]:
+    """Rows covering `wanted`: each starts from a pair not yet covered (one with an EXPENSIVE
+    value while any is left) and gives every other option the value covering most new pairs,
+    the earlier (cheaper) value on a tie, never one refused with a value already chosen; of a
+    few such rows the one covering most is kept, if the config accepts it whole."""
 
     def covers(row: dict[str, Any]) -> set:
-        return {pair(a, row[a], b, row[b]) for a, b in itertools.combinations(keys, 2)}
+        return {_pair(keys, a, row[a], b, row[b]) for a, b in itertools.combinations(keys, 2)}
+
+    def expensive(pair: tuple, key: str, value: Any) -> bool:
+        return (pair[0], pair[1]) == (key, value) or (pair[2], pair[3]) == (key, value)
 
     rng, rows = random.Random(seed), []
     while wanted:
+        pool = next((found for k, v in EXPENSIVE if (found := [p for p in wanted if expensive(p, k, v)])), list(wanted))
         best: dict[str, Any] | None = None
-        for start in rng.sample(sorted(wanted, key=repr), min(8, len(wanted))):
+        for start in rng.sample(sorted(pool, key=repr), min(8, len(pool))):
             row = {start[0]: start[1], start[2]: start[3]}
             for k in keys:
                 if k in row:
                     continue
-                allowed = [v for v in usable[k] if not any(pair(k, v, j, w) in bad for j, w in row.items())]
-                row[k] = max(allowed, key=lambda v: sum(pair(k, v, j, w) in wanted for j, w in row.items()))
+                allowed = [v for v in usable[k] if not any(_pair(keys, k, v, j, w) in bad for j, w in row.items())]
+                row[k] = max(allowed, key=lambda v: sum(_pair(keys, k, v, j, w) in wanted for j, w in row.items()))
             row = {k: row[k] for k in keys}
             if (best is None or len(covers(row) & wanted) > len(covers(best) & wanted)) and not refused_with(row):
                 best = row
@@ -202,7 +223,7 @@ def pairwise(options: dict[str, list[Any]], setting: Setting, seed: int = 0) -> 
             raise SystemExit(f"error: no accepted case covers {sorted(wanted, key=repr)[:3]}")
         rows.append(best)
         wanted -= covers(best)
-    return [Case(row) for row in rows] + refused
+    return rows
 
 
 def full_product(options: dict[str, list[Any]], only: list[str]) -> list[Case]:
@@ -267,6 +288,9 @@ def train_launched(args: list[str], ranks: int, log: Path) -> str:
     cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--config", str(CONFIG), "--nproc", str(ranks), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
+    # dynamo gave a function up to eager: the case compiled less than it says
+    if RECOMPILE_LIMIT in proc.stdout + proc.stderr:
+        return f"exit {proc.returncode}: torch._dynamo {RECOMPILE_LIMIT}"
     if proc.returncode == 0:
         return "finished"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -358,10 +382,14 @@ def worker(job_file: Path) -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     progress = os.fdopen(os.dup(1), "w")  # the runs print on stdout too: theirs goes to stderr (worker.log)
     os.dup2(2, 1)
+    import torch._dynamo
+
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # not a silent fall-back to eager
     with (job_file.parent / "worker-results.jsonl").open("a") as results:
         for values in job["cases"]:
             case = Case(values)
             run_case(case, setting)
+            torch._dynamo.reset()  # each case compiles as a fresh process would (and no recompile limit is reached)
             results.write(json.dumps(asdict(case)) + "\n")
             results.flush()
             print(f"one-rank case: {case.name}: {case.outcome} {case.detail}", file=progress, flush=True)
