@@ -264,15 +264,15 @@ def assert_owner_only(folder: Path, setup_line: str) -> None:
 # 45 s in, long before the run could end (it would have to step 2x as fast)
 LONG_EPOCHS = 4
 LONG = (f"optim.epochs={LONG_EPOCHS}", "checkpoint.every_steps=0", "engine.precision=bf16")
-LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "4")  # whole emulated nodes: an urgent job must preempt
+LONG_FLAGS = ("--nodes", "2", "--cpus-per-task", "1")  # one thread a task: two tasks on this host's two cores
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: the long run, never interrupted, on 2 local ranks of 4 threads each (a job
-    of 2 nodes x 1 task with --cpus-per-task 4 gives the same weights)."""
+    """The reference: the long run, never interrupted, on 2 local ranks of 1 thread each (a job
+    of 2 nodes x 1 task with --cpus-per-task 1 gives the same weights)."""
     tmp = tmp_path_factory.mktemp("reference")
-    env = {**os.environ, "OMP_NUM_THREADS": "4"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = run_local(tmp, "reference", demo_shards, "tracking.enabled=false", *LONG, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "reference"
