@@ -17,7 +17,7 @@ from .data.transforms import build_mixup
 from .dist import DistEnv
 from .engine import Engine, build_engine
 from .fs import OWNER_ONLY, atomic_write_text
-from .models import LSA, LSAConfig, count_macs, count_parameters, create_model
+from .models import LSA, LSAConfig, count_parameters, create_model, macs_by_size
 from .sinks import Console, MetricsFile, Sinks
 from .tracking import RECORD_NAME, Tracker, run_id_for, system_info
 from .weights import init_model_from, save_model_file
@@ -71,7 +71,7 @@ class Model:
     ema: Any
     mixup: Any
     config: dict[str, Any]  # LSAConfig's fields: what model files record
-    macs: int
+    macs: dict[int, tuple[int, int]]  # image size -> (architecture's, executed) multiply-accumulates per image
     num_params: int
 
     def ema_state(self) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def build_model(cfg: RunConfig, data: Data, env: DistEnv, device: torch.device, 
         notes = init_model_from(model, cfg.model.init_from)
         say(f"initialised from {cfg.model.init_from}{''.join(f'; {n}' for n in notes)}")
     config = dict(model.cfg.__dict__)
-    macs, num_params = count_macs(model), count_parameters(model)  # before ZeRO-3 partitions it
+    sizes = {cfg.data.train_size(epoch) for epoch in range(cfg.optim.epochs)}
+    macs, num_params = macs_by_size(model, sizes), count_parameters(model)  # before ZeRO-3 partitions it
     ema = None
     if cfg.optim.ema_decay:  # its own plain fp32 copy, made before the engine patches and casts the model
         from timm.utils import ModelEmaV3

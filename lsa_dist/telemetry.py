@@ -37,6 +37,7 @@ class Position:
     epoch: float
     steps_left: int
     lr: float
+    image_size: int  # the epoch's training size (data.progressive)
 
 
 class Window:
@@ -75,7 +76,7 @@ class Telemetry:
     once (start-up cost: DeepSpeed's first step, torch.compile's compilation), and the epoch's
     mean loss."""
 
-    def __init__(self, cfg: RunConfig, macs: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, macs: dict[int, tuple[int, int]], world_size: int, device: torch.device) -> None:
         self.log_every, self.progress_every = cfg.tracking.log_every, cfg.train.log_every
         dtype = PRECISIONS[cfg.engine.precision]
         self.peak_flops = cfg.engine.peak_tflops * 1e12 or peak_flops(device, dtype)  # datasheet peak if not given
@@ -103,30 +104,35 @@ class Telemetry:
             window.add(output, images)
         if not self.first_step_logged:
             self.first_step_logged = True
+            output.loss.item()  # the clock stops when the device has finished the step, not when it was queued
             due.append({"train/first_step_s": self.progress.elapsed() - self.progress.data_wait})
         if step % self.log_every == 0 or last:
-            due.append(self._train_metrics(output, position().lr))
+            due.append(self._train_metrics(output, position()))
             self.tracking.reset()
         if step % self.progress_every == 0 or last:
             due.append(self._progress_metrics(position()))
             self.progress.reset()
         return due
 
-    def _train_metrics(self, output: StepOutput, lr: float) -> dict[str, float]:
+    def _train_metrics(self, output: StepOutput, position: Position) -> dict[str, float]:
         window, info = self.tracking, output.info
+        loss = output.loss.item()  # waits for the device: the window closes when its work is done
         images_per_s = window.images / window.elapsed()
+        architecture, executed = self.macs[position.image_size]  # at the epoch's size
         return {
-            "train/loss": output.loss.item(),
-            "train/lr": info.lr if info else lr,
+            "train/loss": loss,
+            "train/lr": info.lr if info else position.lr,
             "train/grad_norm": info.norm() if info else math.nan,
             "train/images_per_s": images_per_s,
-            "train/mfu": mfu(images_per_s, self.macs, self.peak_flops, self.world_size),
+            "train/mfu": mfu(images_per_s, architecture, self.peak_flops, self.world_size),
+            "train/mfu_executed": mfu(images_per_s, executed, self.peak_flops, self.world_size),
         }
 
     def _progress_metrics(self, position: Position) -> dict[str, float]:
         window = self.progress
+        loss_sum = float(window.loss_sum)  # waits for the device before the clock is read
         elapsed, steps = window.elapsed(), max(window.steps, 1)
-        total_loss, count = D.all_reduce_sum([float(window.loss_sum), window.steps], self.device)
+        total_loss, count = D.all_reduce_sum([loss_sum, window.steps], self.device)
         step_ms, wait_ms, memory = D.all_reduce_max(
             [1000 * (elapsed - window.data_wait) / steps, 1000 * window.data_wait / steps, peak_memory_mb(self.device)],
             self.device,

@@ -246,7 +246,8 @@ class Trainer:
 
         def position() -> Position:
             epoch = s.epoch + s.batch / self.span.epoch_length
-            return Position(epoch, self.span.max_steps - s.step, self.model.engine.lr())
+            size = self.cfg.data.train_size(s.epoch)
+            return Position(epoch, self.span.max_steps - s.step, self.model.engine.lr(), size)
 
         for metrics in self.telemetry.count(output, images, s.step, s.step == self.span.max_steps, position):
             self.log(metrics, s.step)
@@ -280,12 +281,13 @@ class Trainer:
     # -- start and end ------------------------------------------------------------------------
     def _announce(self) -> None:
         cfg, e, tracker, m = self.cfg, self.cfg.engine, self.sinks.tracker, self.model
+        gmacs = m.macs[cfg.data.image_size][0] / 1e9  # the architecture's count, as papers quote it
         mlflow = tracker.run_id or ("pending (server down)" if tracker.enabled else "off")
         backend = "" if e.compile_backend == "inductor" else f" ({e.compile_backend})"
         compiled = f", compiled{backend}" if e.compile else ""
         self.sinks.console.say(
             f"run {cfg.train.name}: {cfg.model.name} ({m.num_params / 1e6:.2f} M params, "
-            f"{m.macs / 1e9:.2f} GMAC/image), {self.env.world_size} ranks x batch {cfg.data.batch_size}, "
+            f"{gmacs:.2f} GMAC/image), {self.env.world_size} ranks x batch {cfg.data.batch_size}, "
             f"{self.data.steps_per_epoch} steps/epoch, {e.backend} ZeRO-{e.zero_stage} {e.precision}"
             f"{compiled}, MLflow run {mlflow}; output in {cfg.run_dir}"
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 from lsa_dist.metrics import PEAKS, accuracy_counts, evaluate, gpu_peak, mfu, peak_flops
 from lsa_dist.sinks import Console, MetricsFile, Sinks, format_duration, interactive, metrics_line, progress_line
 from lsa_dist.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROGRESS = {
     "progress/loss": 1.23456,
@@ -132,3 +135,39 @@ def test_gpu_peaks_come_from_datasheets_by_device_name(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.count("warning: no peak FLOP/s known for GPU 'NVIDIA GeForce RTX 9999'") == 1
     assert "engine.peak_tflops" in err
+
+
+class QueuedLoss:
+    """A step's loss while the device still works on it: reading it waits for the work."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def item(self) -> float:
+        time.sleep(self.seconds)
+        return 2.0
+
+    __float__ = item
+
+    def __radd__(self, other: float) -> QueuedLoss:
+        return self
+
+
+def test_throughput_windows_close_when_the_device_has_finished_their_steps() -> None:
+    """images/s (and so MFU) counts the time the device takes to finish the window's steps,
+    which a GPU reports only when the loss is read, not the time it took to queue them."""
+    from lsa_dist.config import load_config
+    from lsa_dist.telemetry import Position, StepOutput, Telemetry
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", ["engine.peak_tflops=1", "tracking.log_every=1", "train.log_every=1"]
+    )
+    telemetry = Telemetry(cfg, macs={32: (10**6, 9 * 10**5)}, world_size=1, device=torch.device("cpu"))
+    telemetry.first_step_logged = True
+    telemetry.start()
+    due = telemetry.count(StepOutput(QueuedLoss(0.3), None), 64, 1, True, lambda: Position(0.5, 0, 1e-3, 32))
+    metrics = {k: v for d in due for k, v in d.items()}
+    assert metrics["train/loss"] == 2.0 and metrics["progress/loss"] == 2.0
+    assert metrics["train/images_per_s"] <= 64 / 0.3 and metrics["progress/images_per_s"] <= 64 / 0.3
+    assert metrics["train/mfu"] <= mfu(64 / 0.3, 10**6, 1e12, 1)
+    assert metrics["train/mfu_executed"] == pytest.approx(0.9 * metrics["train/mfu"])

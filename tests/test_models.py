@@ -21,6 +21,7 @@ from lsa_dist.models import (
     fit_pos_tables,
     from_official,
     list_models,
+    macs_by_size,
     model_config,
     resize_pos_table,
 )
@@ -104,6 +105,18 @@ def test_our_model_executes_fewer_macs_than_the_architecture_count() -> None:
     executed, canonical = count_macs(model, "model"), count_macs(model)
     # the shift attention skips projecting all 10 copies to keys and values
     assert 0.7 * canonical < executed < 0.9 * canonical
+
+
+def test_macs_follow_the_image_size_a_progressive_epoch_trains_at() -> None:
+    """Both counts at each size equal those of the model built for that size (the reference
+    forward only runs at a model's own size): at 161 px lsa_tiny costs half its 224 px count."""
+    model = create_model("lsa_tiny")
+    counts = macs_by_size(model, [126, 161])
+    assert sorted(counts) == [126, 161, 224]
+    for size, (architecture, executed) in counts.items():
+        native = create_model("lsa_tiny", image_size=size)
+        assert (architecture, executed) == (count_macs(native), count_macs(native, "model")), size
+    assert counts[161][0] < 0.5 * counts[224][0]
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

@@ -11,7 +11,7 @@ from typing import Any
 _HOMES = {
     "spec": ("CIFAR_SHIFTS", "IMAGENET_SHIFTS", "LSAConfig", "ModelConfigError", "list_models", "model_config"),
     "lsa": ("LSA", "count_parameters", "fit_pos_tables", "resize_pos_table"),
-    "flops": ("count_macs",),
+    "flops": ("count_macs", "macs_by_size"),
     "official": (
         "OFFICIAL_CONFIGS",
         "OfficialCheckpointError",
