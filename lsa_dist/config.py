@@ -167,7 +167,9 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
     experiment: str = "lsa_dist"
     run_name: str = ""  # "" = train.name
-    log_every: int = knob(1, interval="[1, inf)")  # steps between logged metrics (batched, sent by a background thread)
+    # steps between logged metrics (batched, sent by a background thread); each logging step waits
+    # for the device once to read the loss and gradient norm, so not every step by default
+    log_every: int = knob(10, interval="[1, inf)")
     register_model: str = ""  # register the final model under this name; "" = don't
     # set when the config loads: the keys whose values come from ${oc.env:...}; MLflow's params
     # and config artifact show *** for them (the run folder's config.yaml keeps the values)
