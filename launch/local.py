@@ -37,9 +37,11 @@ from lsa_dist.tracking import PENDING, RUN_ID_ENV, end_run, tracking_uri  # noqa
 logger = logging.getLogger("lsa_dist.launch.local")  # under the library's logger: one setup shows both
 
 
-def worker_environment(nproc: int, run_id: str) -> None:
-    """What the workers inherit besides the agent's RANK, WORLD_SIZE, MASTER_ADDR, ..."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+def worker_environment(nproc: int, loader_workers: int, run_id: str) -> None:
+    """What the workers inherit besides the agent's RANK, WORLD_SIZE, MASTER_ADDR, ...: among
+    them intra-op threads, this machine's cores shared by the workers less their loader workers'."""
+    threads = D.compute_threads((os.cpu_count() or 1) // nproc, loader_workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     os.environ["PYTHONUNBUFFERED"] = "1"
     os.environ[D.LAUNCHER_PID_ENV] = str(os.getpid())  # the workers stop when this process dies
@@ -63,7 +65,7 @@ def launch(cfg: RunConfig, config_path: Path, run_id: str, stop_timeout: int) ->
     offsets = {
         r: (logs / f"rank{r}.log").stat().st_size if (logs / f"rank{r}.log").exists() else 0 for r in range(nproc)
     }
-    worker_environment(nproc, run_id)
+    worker_environment(nproc, cfg.data.num_workers, run_id)
     args = ["-m", "lsa_dist.train", "--config", str(config_path), "--log-dir", str(logs)]
     with Echo(logs / "rank0.log"):
         outcome = run_workers(

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError, RunConfig, load_config, to_yaml
 from .data import DatasetError, dataset_identity, load_dataset_info
-from .dist import check_precision
+from .dist import check_local_ranks, check_precision
 from .fs import OWNER_ONLY, atomic_write_text
 from .redact import redact_text
 from .resume import ResumePlan, plan_resume
@@ -73,6 +73,7 @@ def preflight(cfg: RunConfig, world_size: int, *, dataset: bool = True, hardware
         load_dataset_info(cfg.data.root).check_size(cfg.data.train_split, world_size, cfg.data.batch_size)
     if hardware:
         check_precision(cfg.engine.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        check_local_ranks(world_size, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     plan = plan_resume(cfg, world_size, dataset_identity(cfg.data.root) if dataset else "")
     if plan.folder is not None and plan.saved_world_size != world_size:
         logger.info(

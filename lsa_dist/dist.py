@@ -104,6 +104,22 @@ def check_precision(precision: str, device_type: str) -> None:
         )
 
 
+def compute_threads(cpus: int, loader_workers: int) -> int:
+    """Intra-op threads of a training process that has `cpus` cores and is fed by
+    `loader_workers` loader processes: each worker keeps a core, the rest compute (one at least)."""
+    return max(1, cpus - loader_workers)
+
+
+def check_local_ranks(ranks: int, gpus: int) -> None:
+    """ConfigError when a machine with GPUs is asked for more processes than it has GPUs: two
+    ranks on one GPU break NCCL's communicators."""
+    if gpus and ranks > gpus:
+        raise ConfigError(
+            f"launch.nproc: {ranks} processes but this machine has {gpus} GPU{'s' if gpus > 1 else ''}; "
+            f"one process a GPU: use --nproc {gpus} or fewer"
+        )
+
+
 def cpu_has_fp16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
@@ -141,6 +157,7 @@ def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,  # NCCL binds its communicator at once
         )
     return device
 

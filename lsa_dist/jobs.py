@@ -53,12 +53,13 @@ class TrainJob:
         setup_logging(D.discover().rank)
         # the submission's copy, in every task's log
         logger.info(f"lsa_dist from {os.path.dirname(os.path.abspath(__file__))}", extra=EVERY_RANK)
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        os.environ["OMP_NUM_THREADS"] = str(cpus)
-        torch.set_num_threads(cpus)
+        cfg = load_config(self.config_path)
+        # the task's cores, less one for each of its loader workers
+        threads = D.compute_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")), cfg.data.num_workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
         if self.run_id:
             os.environ[RUN_ID_ENV] = self.run_id
-        cfg = load_config(self.config_path)
         try:
             result = main(cfg)
         except Exception:

@@ -121,3 +121,15 @@ def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(monkeypatch: pytes
         check_precision("fp16", "cpu")
     assert str(err.value).startswith("engine.precision: fp16 needs a GPU or a CPU with AVX-512 FP16")
     check_precision("bf16", "cpu")  # the others stay allowed
+
+
+def test_more_local_processes_than_gpus_is_refused_and_loader_workers_keep_their_cores() -> None:
+    """Two ranks on one GPU break NCCL: refused before any process starts, in one line; without
+    GPUs any number of processes runs. Each loader worker keeps a core; the rest compute."""
+    from lsa_dist.dist import check_local_ranks, compute_threads
+
+    with pytest.raises(ConfigError, match=r"^launch.nproc: 9 processes but this machine has 8 GPUs; .* --nproc 8"):
+        check_local_ranks(9, 8)
+    check_local_ranks(8, 8)
+    check_local_ranks(4, 0)  # CPU ranks
+    assert compute_threads(16, 8) == 8 and compute_threads(2, 4) == 1 and compute_threads(4, 0) == 4
