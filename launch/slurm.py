@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def slurm_defaults(cfg: RunConfig) -> dict[str, Any]:
         "exclusive": s.exclusive,
         "job_name": s.job_name,
         "additional": dict(s.additional),
-        "setup": list(s.setup),
+        "setup": [f"export {key}={shlex.quote(str(value))}" for key, value in s.env.items()] + list(s.setup),
         "array_parallelism": s.array_parallelism,
     }
     for key in ("partition", "account", "qos", "constraint"):

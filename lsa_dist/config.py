@@ -191,6 +191,8 @@ class SlurmConfig:
     job_name: str = ""
     additional: dict[str, str] = field(default_factory=dict)  # more sbatch directives: {mail-type: END}
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts: module load ...
+    # environment of every task, exported before `setup` (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: docs/slurm.md)
+    env: dict[str, str] = field(default_factory=dict)
     array_parallelism: int = knob(0, interval="[0, inf)")  # --sweep: one job array, at most this many at once; 0: all
     # seconds a job needs from its start to its first steps: --time must leave this before the USR2 warning
     startup_s: int = knob(60, interval="[0, inf)")

@@ -3,6 +3,7 @@ wrong before any process starts, as ConfigError naming the key. `config.load_con
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, model_overrides
@@ -50,6 +51,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("engine.offload_optimizer: needs engine.zero_stage >= 1")
     if cfg.optim.ema_decay and cfg.engine.zero_stage == 3:
         raise ConfigError("optim.ema_decay: EMA needs whole parameters on every rank; use engine.zero_stage <= 2")
+    for name in cfg.launch.slurm.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            raise ConfigError(f"launch.slurm.env: {name!r} is not an environment variable name")
     if cfg.engine.compile and cfg.engine.zero_stage == 3:
         raise ConfigError(
             "engine.compile: torch.compile cannot trace ZeRO-3's partitioned parameters (gathered by hooks "

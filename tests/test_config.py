@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_win_over_the_file() -> None:
         (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be a finite number in [1, inf), got 0"),
         (["optim.ema_decay=0.9", "engine.zero_stage=3"], "optim.ema_decay: EMA needs whole parameters"),
         (["engine.compile=true", "engine.zero_stage=3"], "engine.compile: torch.compile cannot trace ZeRO-3's"),
+        (["launch.slurm.env.NCCL-DEBUG=INFO"], "launch.slurm.env: 'NCCL-DEBUG' is not an environment variable name"),
         (["train.resume=/nowhere/step-1"], "train.resume: '/nowhere/step-1' is neither auto, never"),
         (["model.options.heads=[3,3,3]"], "model.options.heads: stage 0: width 64 is not divisible by 3 heads"),
         (

@@ -121,6 +121,8 @@ def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_arr
     args += [
         "launch.slurm.additional.mail_type=END",
         "launch.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]",
+        "launch.slurm.env.NCCL_SOCKET_IFNAME=ib0",
+        "launch.slurm.env.NCCL_IB_HCA='mlx5_0 mlx5_1'",
     ]
     out = dry_run(*args, RANK="3", MASTER_PORT="29400", TORCHELASTIC_RUN_ID="x")
     for line in (
@@ -130,8 +132,11 @@ def test_dry_run_shows_extra_directives_setup_lines_memory_and_a_sweep_as_an_arr
         "#SBATCH --gpus-per-node=8",
     ):
         assert line in out, line
-    setup = out.index("module load cuda/12.4")
-    assert setup < out.index("source /opt/venv/bin/activate") < out.index("srun ")
+    script = out[out.index("#!/bin/bash") :]  # after the resolved config, which lists them too
+    setup = script.index("module load cuda/12.4")
+    assert setup < script.index("source /opt/venv/bin/activate") < script.index("srun ")
+    # launch.slurm.env: exported for every task before the setup lines, quoted for the shell
+    assert script.index("export NCCL_SOCKET_IFNAME=ib0") < script.index("export NCCL_IB_HCA='mlx5_0 mlx5_1'") < setup
     assert "3 runs as one job array (lsa_large-1e-3, lsa_large-5e-4, lsa_large-2e-4)" in out
     assert (
         "not passed to the job (left in this shell by another launcher): MASTER_PORT, RANK, TORCHELASTIC_RUN_ID" in out
