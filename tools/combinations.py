@@ -2,10 +2,10 @@
 """Combination testing: every configuration of the options that change the training path
 either trains and resumes exactly, or is refused at load.
 
-    python tools/combinations.py [--all] [--only KEY ...] [--data DIR] [--out DIR] [--json combinations.json]
+    python tools/combinations.py [--all] [--only KEY ...] [--data DIR] [--out DIR [--resume]] [--json FILE]
 
 A case gives each option in OPTIONS one of its values. By default the cases form a covering
-array (allpairspy): every pair of values of any two options that the config accepts together
+array (greedy, `pairwise`): every pair of values of any two options that the config accepts together
 is in at least one trained case, and every pair it refuses is a refused case of its own.
 `--all` runs the full product instead (of every option, or of those named with `--only`, the
 others at their first value), for long runs outside CI.
@@ -331,12 +331,31 @@ def run_case(case: Case, setting: Setting) -> None:
     case.detail = "" if same == total else f"{total - same} of {total} tensors differ after the resume"
 
 
-def run_cases(cases: list[Case], setting: Setting, progress: bool = True) -> list[Case]:
+def _key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+def run_cases(cases: list[Case], setting: Setting, progress: bool = True, resume: bool = False) -> list[Case]:
     """Refused cases are checked here; one-rank cases run in one worker process (this tool with
-    --worker), two-rank ones through the launcher. Fills in each case's outcome."""
+    --worker), two-rank ones through the launcher. Fills in each case's outcome. Every result is
+    appended to results.jsonl in the output folder as soon as it is known; with `resume`, the
+    cases found there keep their result and are not run again (an interrupted long run)."""
+    results = setting.out / "results.jsonl"
+    if not resume:
+        results.unlink(missing_ok=True)
     for case in cases:
         case.detail = refusal(case, setting)
         case.outcome = "refused" if case.detail else ""
+
+    def load() -> None:
+        done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+        found = {_key(r["values"]): r for r in done}
+        for case in cases:
+            if not case.outcome and _key(case.values) in found:
+                for key in ("outcome", "detail", "identical", "seconds"):
+                    setattr(case, key, found[_key(case.values)][key])
+
+    load()
     local = [c for c in cases if not c.outcome and c.ranks == 1]
     if local:
         job = setting.out / "worker-cases.json"
@@ -349,22 +368,18 @@ def run_cases(cases: list[Case], setting: Setting, progress: bool = True) -> lis
                 }
             )
         )
-        results = setting.out / "worker-results.jsonl"
-        results.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, __file__, "--worker", str(job)]
         with (setting.out / "worker.log").open("w") as log:  # the runs' own output
             worker = subprocess.run(cmd, env=env, stdout=None if progress else subprocess.DEVNULL, stderr=log)
-        done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-        for case, result in itertools.zip_longest(local, done):
-            if result is None:
-                tail = ((setting.out / "worker.log").read_text().strip().splitlines() or [""])[-1]
-                case.outcome, case.detail = "failed", f"the worker process ended (exit {worker.returncode}): {tail}"
-            else:
-                for key in ("outcome", "detail", "identical", "seconds"):
-                    setattr(case, key, result[key])
+        load()
+        for case in (c for c in local if not c.outcome):
+            tail = ((setting.out / "worker.log").read_text().strip().splitlines() or [""])[-1]
+            case.outcome, case.detail = "failed", f"the worker process ended (exit {worker.returncode}): {tail}"
     for i, case in enumerate(c for c in cases if not c.outcome):
         run_case(case, setting)
+        with results.open("a") as out:
+            out.write(json.dumps(asdict(case)) + "\n")
         if progress:
             print(f"two-rank case {i + 1}: {case.name}: {case.outcome} {case.detail}", flush=True)
     return cases
@@ -372,7 +387,7 @@ def run_cases(cases: list[Case], setting: Setting, progress: bool = True) -> lis
 
 def worker(job_file: Path) -> int:
     """--worker: the one-rank cases of `job_file`, one after another in this process; each
-    result appended to worker-results.jsonl beside it as soon as it is known."""
+    result appended to results.jsonl beside it as soon as it is known."""
     from lsa_dist.dist import free_port
 
     job = json.loads(job_file.read_text())
@@ -385,7 +400,7 @@ def worker(job_file: Path) -> int:
     import torch._dynamo
 
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # not a silent fall-back to eager
-    with (job_file.parent / "worker-results.jsonl").open("a") as results:
+    with (job_file.parent / "results.jsonl").open("a") as results:
         for values in job["cases"]:
             case = Case(values)
             run_case(case, setting)
@@ -426,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--resume", action="store_true", help="with --out: keep the results an interrupted run left there, run the rest"
+    )
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every case")
     args = parser.parse_args(argv)
@@ -433,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker)
     if args.only and not args.all:
         parser.error("--only goes with --all")
+    if args.resume and not args.out:
+        parser.error("--resume needs --out: the folder of the interrupted run")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="lsa-combinations-") as tmp:
         out = (args.out or Path(tmp)).resolve()
@@ -441,12 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:
             from make_demo_dataset import make_demo_dataset
 
-            make_demo_dataset(out / "digits")
+            if not (out / "data" / "dataset.json").is_file():
+                make_demo_dataset(out / "digits")
             data = small_dataset(out / "digits", out / "data")
         setting = Setting(data.resolve(), init_file(out), out, list(args.overrides))
         cases = full_product(OPTIONS, args.only) if args.all else pairwise(OPTIONS, setting)
         print(f"{len(cases)} cases; the runs in {out}", flush=True)
-        run_cases(cases, setting)
+        run_cases(cases, setting, resume=args.resume)
     print("\n" + table(cases))
     outcomes = ("resumed exactly", "resumed, steps once", "refused", "failed")
     counts = {k: sum(c.outcome == k for c in cases) for k in outcomes}
