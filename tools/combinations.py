@@ -337,7 +337,7 @@ def _key(values: dict[str, Any]) -> str:
 
 def run_cases(cases: list[Case], setting: Setting, progress: bool = True, resume: bool = False) -> list[Case]:
     """Refused cases are checked here; one-rank cases run in one worker process (this tool with
-    --worker), two-rank ones through the launcher. Fills in each case's outcome. Every result is
+    --worker), two-rank ones through the launcher at the same time. Fills in each case's outcome. Every result is
     appended to results.jsonl in the output folder as soon as it is known; with `resume`, the
     cases found there keep their result and are not run again (an interrupted long run)."""
     results = setting.out / "results.jsonl"
@@ -357,7 +357,8 @@ def run_cases(cases: list[Case], setting: Setting, progress: bool = True, resume
 
     load()
     local = [c for c in cases if not c.outcome and c.ranks == 1]
-    if local:
+    worker = None
+    if local:  # the one-rank cases run beside the launched ones: each leaves the other idle cores
         job = setting.out / "worker-cases.json"
         job.write_text(
             json.dumps(
@@ -371,17 +372,24 @@ def run_cases(cases: list[Case], setting: Setting, progress: bool = True, resume
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, __file__, "--worker", str(job)]
         with (setting.out / "worker.log").open("w") as log:  # the runs' own output
-            worker = subprocess.run(cmd, env=env, stdout=None if progress else subprocess.DEVNULL, stderr=log)
+            worker = subprocess.Popen(cmd, env=env, stdout=None if progress else subprocess.DEVNULL, stderr=log)
+    try:
+        for i, case in enumerate(c for c in cases if not c.outcome and c.ranks > 1):
+            run_case(case, setting)
+            with results.open("a") as out:
+                out.write(json.dumps(asdict(case)) + "\n")
+            if progress:
+                print(f"two-rank case {i + 1}: {case.name}: {case.outcome} {case.detail}", flush=True)
+    except BaseException:
+        if worker is not None:
+            worker.kill()
+        raise
+    if worker is not None:
+        worker.wait()
         load()
         for case in (c for c in local if not c.outcome):
             tail = ((setting.out / "worker.log").read_text().strip().splitlines() or [""])[-1]
             case.outcome, case.detail = "failed", f"the worker process ended (exit {worker.returncode}): {tail}"
-    for i, case in enumerate(c for c in cases if not c.outcome):
-        run_case(case, setting)
-        with results.open("a") as out:
-            out.write(json.dumps(asdict(case)) + "\n")
-        if progress:
-            print(f"two-rank case {i + 1}: {case.name}: {case.outcome} {case.detail}", flush=True)
     return cases
 
 
