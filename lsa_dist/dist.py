@@ -7,12 +7,14 @@ the torch.distributed environment variables; this module reads them, picks the b
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -65,6 +67,7 @@ def discover() -> DistEnv:
     )
 
 
+EXIT_RECORD_ENV = "LSA_EXIT_RECORD_DIR"  # where a local worker writes its exit code as it exits
 RESTART_ENV = "LSA_RESTART_COUNT"  # set by lsa_dist.elastic for each start of the local workers
 
 
@@ -127,6 +130,15 @@ def cpu_has_fp16() -> bool:
         return False
 
 
+def cuda_settings() -> None:
+    """Training's CUDA settings (benchmarks take them too): fp32 matmuls and convolutions on
+    tensor cores (TF32, what the peak MFU is measured against), and cuDNN's fastest convolution
+    for the run's fixed shapes."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
     """Join the process group (always, also alone: the engines expect one) and return the device.
 
@@ -141,11 +153,7 @@ def init(env: DistEnv, timeout_s: int = 600) -> torch.device:
         # DeepSpeed sets its device from LOCAL_RANK: where each task sees only its own GPU (SLURM's
         # per-task binding) that is not a device here; make it name the one chosen above
         os.environ["LOCAL_RANK"] = str(device.index)
-        # fp32 matmuls and convolutions on tensor cores (TF32: the peak MFU is measured against),
-        # and cuDNN picks its fastest convolution for the run's fixed shapes
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        cuda_settings()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -232,4 +240,8 @@ def shutdown(code: int = 0) -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    record = os.environ.get(EXIT_RECORD_ENV)
+    if record:  # the launcher may reap this process before it reads its status
+        with contextlib.suppress(OSError):
+            Path(record, f"rank{os.environ.get('RANK', '0')}").write_text(str(code))
     os._exit(code)

@@ -35,7 +35,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
-from .dist import RESTART_ENV
+from .dist import EXIT_RECORD_ENV, RESTART_ENV
 
 # forwarded to the workers as a stop: torch's launcher's defaults, and SLURM's warning signals
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -177,6 +177,7 @@ def run_attempt(nproc: int, args: list[str], stop_timeout: int) -> tuple[list[Wo
     codes: dict[int, int] = {}
     stopped_by = ""
     with TemporaryDirectory(prefix="lsa-agent-") as tmp, ExitWatch(run_id, nproc) as watch:
+        os.environ[EXIT_RECORD_ENV] = tmp  # inherited by the workers; run_workers restores os.environ
         config = LaunchConfig(
             min_nodes=1,
             max_nodes=1,
@@ -201,18 +202,27 @@ def run_attempt(nproc: int, args: list[str], stop_timeout: int) -> tuple[list[Wo
             watch.kill_leftovers()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-    now, finished = time.monotonic(), not codes and not stopped_by
-    # A worker the forwarded signal ends at once can be reaped by the launcher before the
-    # watch reads its status: it counts as ended by that signal. After a failure, a rank the
-    # launcher stopped before it was seen to exit is left out.
+        now, finished = time.monotonic(), not codes and not stopped_by
+        recorded = {rank: code for rank in range(nproc) if (code := recorded_exit(Path(tmp), rank)) is not None}
+    # The launcher can reap a worker before the watch reads its status (a busy host): then the
+    # code the worker recorded as it exited counts, and a worker that recorded none was ended by
+    # the forwarded signal. After a failure, a rank the launcher stopped unseen is left out.
     unseen = -signal.Signals[stopped_by] if stopped_by else EXIT_OK
     exits = []
     for rank in range(nproc):
         if rank in watch.exits:
             exits.append(watch.exits[rank])
         elif rank in codes or finished or stopped_by:
-            exits.append(WorkerExit(rank, codes.get(rank, unseen), now))
+            exits.append(WorkerExit(rank, codes.get(rank, recorded.get(rank, unseen)), now))
     return exits, stopped_by
+
+
+def recorded_exit(folder: Path, rank: int) -> int | None:
+    """The exit code rank `rank` wrote into `folder` as it exited (lsa_dist.dist.shutdown)."""
+    try:
+        return int((folder / f"rank{rank}").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_workers(nproc: int, args: list[str], *, max_restarts: int, stop_timeout: int, on_restart: Callable) -> Outcome:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +83,64 @@ def worker_of_rank(run_dir: Path, rank: int) -> int:
         if f"RANK={rank}".encode() in environ and parent not in pids:
             return pid
     raise AssertionError(f"no worker of rank {rank} for {run_dir}")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc), parents before their children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(_parent(int(entry.name)), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        found = children.get(todo.pop(0), [])
+        out += found
+        todo += found
+    return out
+
+
+@contextlib.contextmanager
+def held_still(pid: int) -> Iterator[list[int]]:
+    """`pid` and every process below it stopped (SIGSTOP) for the block, continued after it: what a
+    test checks meanwhile cannot race the run on a busy host."""
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+
+
+def _pending(pid: int, sig: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (sig - 1) & 1 for mask in masks)
+
+
+def signal_local_run(launcher: int, sig: int, timeout: float = 60) -> None:
+    """`sig` to launch/local.py's process group, as a scheduler or `timeout` sends it, with its
+    workers held still until the launcher has forwarded it to each of them (they lead their own
+    process groups): every rank sees the signal at the step it had reached, however busy the host."""
+    with held_still(launcher) as pids:
+        ranks = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if _parent(pid) == launcher and any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in environ):
+                    ranks.append(pid)
+        os.killpg(launcher, sig)
+        os.kill(launcher, signal.SIGCONT)  # the launcher alone runs on, and forwards it
+        deadline = time.time() + timeout
+        while not all(_pending(pid, sig) for pid in ranks):
+            if time.time() > deadline:
+                raise AssertionError(f"the launcher did not forward signal {sig} to its workers {ranks}")
+            time.sleep(0.01)

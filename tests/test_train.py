@@ -170,15 +170,17 @@ def test_interrupted_run_resumes_bit_for_bit(demo_shards: Path, tmp_path: Path, 
         cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     wait_for_step(tmp_path / "interrupted", 5, proc)
-    # one owner per run: the same command again, while this one trains, is refused
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # one owner per run: the same command again, while this one trains, is refused. The run is
+    # held still meanwhile (SIGSTOP), so that on a busy host it cannot finish first.
+    with helpers.held_still(proc.pid):
+        second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert "is in use by launch/local.py (host " in second.stderr and f"pid {proc.pid}, since " in second.stderr
     wait_for_step(tmp_path / "interrupted", 30, proc)  # the signal follows a state, not a delay
-    os.killpg(proc.pid, signal.SIGTERM)
+    helpers.signal_local_run(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]
-    assert "stopped after checkpointing" in out and "DataLoader worker" not in out
+    assert "stopped after checkpointing" in out and "DataLoader worker" not in out, out[-3000:]
     latest = CheckpointManager(tmp_path / "interrupted" / "checkpoints", 3, 0).latest()
     step = json.loads((latest / "meta.json").read_text())["step"]
     assert 30 <= step < 88 and step % 44 != 0, step  # mid-epoch
