@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lsa_dist.cli import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_STOPPED
-from lsa_dist.elastic import run_workers
+from lsa_dist.dist import EXIT_RECORD_ENV
+from lsa_dist.elastic import recorded_exit, run_workers
 
 # Each worker appends "<rank> <restart count>" to a file, then ends as its rank's line says.
 WORKER = """
@@ -131,3 +133,13 @@ def test_a_worker_the_forwarded_signal_ends_while_starting_up_stopped_rather_tha
     sender.join()
     assert [e.code for e in outcome.exits] == [-signal.SIGTERM, -signal.SIGTERM]
     assert outcome.failures() == [] and outcome.stopped and restarts == []
+
+
+def test_a_worker_records_its_exit_code_where_the_launcher_reads_it(tmp_path: Path) -> None:
+    """On a busy host the launcher can reap a worker before its watch reads the status: the code
+    the worker wrote as it exited (lsa_dist.dist.shutdown) is what the attempt then reads."""
+    env = {**os.environ, EXIT_RECORD_ENV: str(tmp_path), "RANK": "1"}
+    code = "from lsa_dist.dist import shutdown; shutdown(3)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert recorded_exit(tmp_path, 1) == EXIT_STOPPED and recorded_exit(tmp_path, 0) is None
