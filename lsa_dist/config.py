@@ -147,6 +147,9 @@ class EngineConfig:
     checkpoint_every_k: int = knob(2, interval="[1, inf)")  # with every_k: blocks 0, k, 2k, ... are checkpointed
     offload_optimizer: bool = knob(False, math=True)  # ZeRO-Offload of optimizer state to CPU memory
     bucket_size: int = knob(50_000_000, interval="[1, inf)")  # elements per ZeRO reduce/all-gather/prefetch bucket
+    # ZeRO-1/2 on CUDA: reduce gradients on DeepSpeed's own stream during backward. It synchronises
+    # the device after every backward (a host sync per micro-batch), so it is off unless asked for.
+    overlap_comm: bool = False
     peak_tflops: float = knob(0.0, interval="[0, inf)")  # per device (MFU); 0: a known GPU's peak, or measured on CPU
     compile: bool = False  # torch.compile the model
     # torch.compile's backend: inductor (generated kernels), aot_eager (the captured forward and

@@ -236,8 +236,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
     }
-    if cfg.engine.zero_stage >= 2 and torch.cuda.is_available():
-        zero["overlap_comm"] = True  # gradient reduction overlapped with backward (on its own CUDA stream)
+    # overlapped reduction (its own CUDA stream) makes DeepSpeed synchronise the device after each
+    # backward; without it the reductions run in the backward's stream, with no host sync
+    if cfg.engine.zero_stage in (1, 2):
+        zero["overlap_comm"] = cfg.engine.overlap_comm and torch.cuda.is_available()
     if cfg.engine.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
     if cfg.engine.zero_stage >= 1 and cfg.engine.offload_optimizer:

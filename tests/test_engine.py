@@ -107,6 +107,11 @@ def test_deepspeed_config_follows_the_run_config() -> None:
     offload = deepspeed_config(schedule_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert offload["optimizer"]["type"] == "AdamW"
+    # overlapped reduction (a device sync after every backward) only when asked for, and on CUDA
+    assert offload["zero_optimization"]["overlap_comm"] is False
+    asked = deepspeed_config(schedule_cfg("engine.zero_stage=2", "engine.overlap_comm=true"), world_size=2)
+    assert asked["zero_optimization"]["overlap_comm"] is torch.cuda.is_available()
+    assert "overlap_comm" not in ds["zero_optimization"]  # ZeRO-3 keeps DeepSpeed's own default
 
 
 def test_fp16_on_a_cpu_without_fp16_support_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
