@@ -1,4 +1,5 @@
-"""Training engines built from the config: DeepSpeed ZeRO (default) or fairscale OSS + DDP.
+"""Training engines built from the config: DeepSpeed ZeRO (default) or torch DDP (with fairscale's
+OSS at ZeRO stage 1).
 
 Both wrap the plain LSA model from outside (precision, sharding, activation checkpointing,
 torch.compile) and satisfy one contract, `Engine`, which the trainer and checkpointing use.
@@ -270,7 +271,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 class FairscaleEngine(_EngineBase):
-    """fairscale's OSS optimizer-state sharding with torch DDP (and its checkpoint wrapper)."""
+    """torch DDP (bucketed all-reduce overlapped with backward, no per-parameter Python hooks)
+    with, at ZeRO stage 1, fairscale's OSS optimizer-state sharding, and at stage 0 torch's AdamW
+    whole on every rank (one fused kernel per step on CUDA): the engine for models whose states
+    fit one GPU (tools/memory_plan.py). fairscale's checkpoint wrapper recomputes activations."""
 
     backend = "fairscale"
 
@@ -281,15 +285,18 @@ class FairscaleEngine(_EngineBase):
         super().__init__(cfg)
         self.device = device
         self.module = model.to(device)
-        self.engine = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = OSS(
-            param_groups(model, cfg.optim.weight_decay),
-            optim=torch.optim.AdamW,
-            lr=peak_lr(cfg, world_size),
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            broadcast_fp16=False,
+        self.engine = DistributedDataParallel(
+            self.module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # the gradients are the all-reduce buckets: no copy in or out
         )
+        groups = param_groups(model, cfg.optim.weight_decay)
+        adamw = dict(lr=peak_lr(cfg, world_size), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.sharded = cfg.engine.zero_stage == 1
+        if self.sharded:
+            self.optimizer = OSS(groups, optim=torch.optim.AdamW, broadcast_fp16=False, **adamw)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **adamw)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch, world_size))
         self.accum = cfg.optim.grad_accum_steps
         self.micro = 0
@@ -312,15 +319,19 @@ class FairscaleEngine(_EngineBase):
         if self.micro % self.accum:
             return None
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = self.optimizer.clip_grad_norm(clip)
+        if self.sharded:
+            norm = self.optimizer.clip_grad_norm(clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepInfo(lr=self.lr(), grad_norm=norm)
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """OSS consolidates the sharded optimizer state on rank 0, which writes everything."""
-        self.optimizer.consolidate_state_dict(recipient_rank=0)
+        """Rank 0 writes everything (OSS first consolidates the sharded optimizer state there)."""
+        if self.sharded:
+            self.optimizer.consolidate_state_dict(recipient_rank=0)
         if dist.get_rank() == 0:
             target = Path(folder) / tag
             target.mkdir(parents=True, exist_ok=True)
@@ -336,7 +347,7 @@ class FairscaleEngine(_EngineBase):
             )
 
     def load(self, folder: Path, tag: str, saved_world_size: int) -> dict[str, Any]:
-        """The consolidated OSS state re-shards itself over this run's ranks."""
+        """The whole optimizer state (OSS re-shards it over this run's ranks)."""
         state = torch.load(Path(folder) / tag / "fairscale_states.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -32,6 +32,7 @@ ENGINES = {
     "zero2": ["engine.zero_stage=2"],
     "zero3": ["engine.zero_stage=3"],
     "fairscale": ["engine.backend=fairscale", "engine.zero_stage=1"],
+    "ddp": ["engine.backend=fairscale", "engine.zero_stage=0"],
 }
 
 

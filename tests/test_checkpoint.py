@@ -298,7 +298,8 @@ def test_init_from_a_model_file_or_a_checkpoint_with_a_new_head_and_size(process
 @pytest.mark.slow
 def test_every_engine_continues_on_another_world_size(tmp_path: Path) -> None:
     """2 ranks -> 1 -> 2 (tests/reshard_worker.py under torch's elastic launcher): ZeRO 0-3
-    (1-3 through DeepSpeed's universal checkpoint) and fairscale's consolidated OSS state load
+    (1-3 through DeepSpeed's universal checkpoint), fairscale's consolidated OSS state and torch
+    DDP's whole AdamW state load
     with the writer's weights and lr, and the next step on the same global batch is the one the
     writer's world size takes (fp32): the optimizer state came through."""
     worker = ROOT / "tests" / "reshard_worker.py"
@@ -311,7 +312,7 @@ def test_every_engine_continues_on_another_world_size(tmp_path: Path) -> None:
         if mode == "start":
             continue
         report = json.loads((tmp_path / f"report-continue-{nproc}.json").read_text())
-        assert sorted(report) == ["fairscale", "zero0", "zero1", "zero2", "zero3"]
+        assert sorted(report) == ["ddp", "fairscale", "zero0", "zero1", "zero2", "zero3"]
         for name, checks in report.items():
             assert checks["weights_equal"] and checks["lr_equal"] and checks["next_lr_equal"], (name, checks)
             assert checks["next_step_max_diff"] < 1e-6 and checks["step_moved"] > 1e-4, (name, checks)

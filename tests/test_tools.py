@@ -26,3 +26,23 @@ def test_model_benchmark_checks_outputs_and_reports_both_implementations(tmp_pat
         assert result["images_per_s"] > 0 and result["steps"] == 2
         assert result["peak_mem_mb"] > 0
     assert report["results"]["reference"]["speedup"] == 1.0
+    assert 0 < report["macs_per_image_executed"] < report["macs_per_image"] and report["failed"] == {}
+
+
+def test_memory_plan_chooses_the_engine_that_communicates_least_and_fits(tmp_path: Path) -> None:
+    """DDP first where the states fit whole, recompute only where nothing fits without it, and a
+    batch that fits nowhere said so."""
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "tools/memory_plan.py", "--model", "lsa_cifar_tiny", "--image-size", "32"]
+    cmd += ["--nodes", "1", "--gpus-per-node", "2", "--gpu-gb", "2", "--batches", "16,64,8192", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(out.read_text())
+    ddp = next(r for r in plan["rows"] if r["engine"] == "ddp")
+    assert abs(ddp["states_gb"] * 2**30 - 16 * plan["params"]) < 1  # fp32 weights, gradients, 2 moments
+    assert plan["choice"] == {
+        "16": {"engine": "ddp", "recompute": "none"},
+        "64": {"engine": "ddp", "recompute": "all"},
+        "8192": None,
+    }
+    assert "engine.backend=fairscale engine.zero_stage=0" in proc.stdout

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Per-GPU memory of a training configuration, to choose ZeRO stage, activation checkpointing
-and batch before a job queues: what configs/lsa_large.yaml is chosen from.
+"""Per-GPU memory of a training configuration, to choose the engine (torch DDP or a ZeRO stage),
+activation checkpointing and batch before a job queues: what configs/lsa_large.yaml is chosen from.
 
 Model states (weights, gradients, optimizer state) come from DeepSpeed's own estimators for
-ZeRO-2 and ZeRO-3 (`estimate_zero2/3_model_states_mem_needs`, no offload) and, for stages 0
-and 1, from the same accounting (bf16 weights and gradients 2 + 2 bytes per parameter, fp32
-master weights, momentum and variance 12 bytes, the fp32 gradient partition 4 bytes).
+ZeRO-2 and ZeRO-3 (`estimate_zero2/3_model_states_mem_needs`, no offload), for ZeRO-1 from the
+same accounting (bf16 weights and gradients 2 + 2 bytes per parameter, fp32 master weights,
+momentum and variance 12 bytes, the fp32 gradient partition 4 bytes, the last two sharded), and
+for torch DDP under autocast from its own: fp32 weights, gradients and AdamW moments, 16 bytes per
+parameter, none sharded.
 Activations are measured: the bytes the forward pass saves for backward under bf16 autocast,
 per image (distinct storages, through torch's saved-tensor hooks), with no recompute and with
 every block recomputed. The table adds a 10% allowance for the allocator's fragmentation and
@@ -31,6 +33,24 @@ from lsa_dist.models import count_parameters, create_model  # noqa: E402
 from lsa_dist.parallelize import apply_activation_checkpointing  # noqa: E402
 
 GB = 2**30
+
+
+ENGINES = ("ddp", "zero1", "zero2", "zero3")  # the order of preference: less communication first
+CONFIG = {
+    "ddp": "engine.backend=fairscale engine.zero_stage=0",
+    "zero1": "engine.zero_stage=1",
+    "zero2": "engine.zero_stage=2",
+    "zero3": "engine.zero_stage=3",
+}
+
+
+def engine_state_bytes(engine: str, params: int, largest_layer: int, gpus: int, nodes: int) -> float:
+    """Bytes of model states per GPU: torch DDP under bf16 autocast keeps fp32 weights, fp32
+    gradients (the all-reduce buckets themselves) and AdamW's two moments whole, 16 bytes per
+    parameter; the ZeRO stages as DeepSpeed accounts them."""
+    if engine == "ddp":
+        return 16 * params
+    return model_state_bytes(params, largest_layer, int(engine[-1]), gpus, nodes)
 
 
 def model_state_bytes(params: int, largest_layer: int, stage: int, gpus: int, nodes: int) -> float:
@@ -69,6 +89,18 @@ def activation_bytes_per_image(name: str, image_size: int, recompute: bool, batc
     return sum(n for ptr, n in seen.items() if ptr not in params) / batch
 
 
+def choose(rows: list[dict]) -> dict[int, dict | None]:
+    """For each batch, the first row that fits: the engine that communicates least (DDP, then
+    ZeRO 1, 2, 3), without recompute before with it (recompute costs about a third more compute,
+    ZeRO-3 an all-gather of every weight twice per step)."""
+    out: dict[int, dict | None] = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        fitting = [r for r in rows if r["batch"] == batch and r["fits"]]
+        fitting.sort(key=lambda r: (r["recompute"] != "none", ENGINES.index(r["engine"])))
+        out[batch] = fitting[0] if fitting else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -98,18 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         f"every block recomputed (measured in {measured_s:.0f} s); "
         f"{args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_gb:g} GB"
     )
-    header = f"{'ZeRO':>4} {'recompute':>9} {'batch':>5} {'states GB':>9} {'activ. GB':>9} {'total GB':>8}  fits"
+    header = f"{'engine':>6} {'recompute':>9} {'batch':>5} {'states GB':>9} {'activ. GB':>9} {'total GB':>8}  fits"
     print(header + "\n" + "-" * len(header))
     rows = []
-    for stage in (0, 1, 2, 3):
-        states = model_state_bytes(params, largest, stage, gpus, args.nodes)
+    for engine in ENGINES:
+        states = engine_state_bytes(engine, params, largest, gpus, args.nodes)
         for ckpt in ("none", "all"):
             for batch in (int(b) for b in args.batches.split(",")):
                 total = (states + activations[ckpt] * batch) * 1.10
                 fits = total <= 0.9 * args.gpu_gb * GB
                 rows.append(
                     {
-                        "zero_stage": stage,
+                        "engine": engine,
                         "recompute": ckpt,
                         "batch": batch,
                         "states_gb": states / GB,
@@ -120,9 +152,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 r = rows[-1]
                 print(
-                    f"{stage:>4} {ckpt:>9} {batch:>5} {r['states_gb']:>9.1f} {r['activations_gb']:>9.1f} "
+                    f"{engine:>6} {ckpt:>9} {batch:>5} {r['states_gb']:>9.1f} {r['activations_gb']:>9.1f} "
                     f"{r['total_gb']:>8.1f}  {'yes' if fits else 'no'}"
                 )
+    choices = choose(rows)
+    print("\nchoice per batch (the least communication, then no recompute, that fits):")
+    for batch, row in choices.items():
+        if row is None:
+            print(f"  {batch:>4}: nothing fits; fewer images per GPU")
+        else:
+            recompute = " engine.activation_checkpointing=all" if row["recompute"] == "all" else ""
+            print(f"  {batch:>4}: {CONFIG[row['engine']]}{recompute}  ({row['total_gb']:.1f} GB)")
     if args.json:
         payload = {
             "model": args.model,
@@ -133,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_gb": args.gpu_gb,
             "activation_bytes_per_image": activations,
             "rows": rows,
+            "choice": {str(b): r and {"engine": r["engine"], "recompute": r["recompute"]} for b, r in choices.items()},
         }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
