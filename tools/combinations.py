@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,8 @@ def run_case(case: Case, setting: Setting) -> None:
     run's weights, or on FFCV (its compiled decoder draws the crops unseeded, so no two FFCV
     runs are equal) checked to have trained every step once, in order."""
     start, exact = time.time(), case.values.get("data.format") != "ffcv"
+    for run in (case.name, f"{case.name}-ref"):  # what a cut-off earlier attempt left would be resumed
+        shutil.rmtree(setting.out / run, ignore_errors=True)
     runs = [(case.name, [f"train.max_steps={STOP}"]), (case.name, [])]
     for run, extra in ([(f"{case.name}-ref", [])] if exact else []) + runs:
         args = overrides(case, setting, run) + extra
