@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lsa_dist.dist import cuda_settings  # noqa: E402
 from lsa_dist.models import LSA, count_macs, create_model  # noqa: E402
 from lsa_dist.models.reference import ReferenceLSA, reference_forward  # noqa: E402
 
@@ -62,9 +63,11 @@ def _loss(runner: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, d
 
 def worker(args: argparse.Namespace) -> dict:
     """Time `args.steps` training steps of one implementation (runs in its own process)."""
-    model, runner, images, labels = _setup(args, args.worker)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     cuda = args.device.startswith("cuda")
+    if cuda:
+        cuda_settings()  # as training runs: TF32, cuDNN's benchmark
+    model, runner, images, labels = _setup(args, args.worker)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=cuda)
 
     def step() -> None:
         loss = _loss(runner, images, labels, args.dtype, args.device.split(":")[0])
@@ -138,8 +141,12 @@ def _run_worker(args: argparse.Namespace, impl: str, steps: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        raise SystemExit(f"benchmark of {impl} failed: {tail}")
+        raise WorkerError(f"benchmark of {impl} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class WorkerError(Exception):
+    """One implementation's process failed (a compile error, out of memory): the others still run."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i for i in IMPLEMENTATIONS if args.compile or not i.endswith("+compile")]
     per_round = max(1, args.steps // args.rounds)
     runs: dict[str, list[dict]] = {i: [] for i in impls}
+    failed: dict[str, str] = {}
     for _ in range(args.rounds):
         for impl in impls:
-            runs[impl].append(_run_worker(args, impl, per_round))
+            if impl not in failed:
+                try:
+                    runs[impl].append(_run_worker(args, impl, per_round))
+                except WorkerError as err:
+                    failed[impl] = str(err)
+                    print(f"error: {err}", file=sys.stderr)
+    if "reference" in failed or "lsa_dist" in failed:
+        return 1  # no ratio without both
 
     model = create_model(args.model)
     macs = count_macs(model)
     results = {}
     for impl in impls:
+        if impl in failed:
+            continue
         times = [t for r in runs[impl] for t in r["step_times"]]
         step = statistics.median(times)
         results[impl] = {
@@ -233,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
             "macs_per_image": macs,
+            "macs_per_image_executed": count_macs(model, "model"),
             "check": check,
             "results": results,
+            "failed": failed,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
