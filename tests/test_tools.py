@@ -46,3 +46,27 @@ def test_memory_plan_chooses_the_engine_that_communicates_least_and_fits(tmp_pat
         "8192": None,
     }
     assert "engine.backend=fairscale engine.zero_stage=0" in proc.stdout
+
+
+def test_gpu_check_stops_at_once_on_a_gpu_torch_cannot_use(tmp_path: Path) -> None:
+    """A machine whose nvidia-smi answers (here a stand-in script) while torch sees no CUDA device:
+    one line naming the GPU, the driver and torch's CUDA version, exit 2, no report written; the
+    lent GPU's minutes are not spent on a CPU run."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return  # this machine's GPU is usable: nothing to refuse
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\necho "NVIDIA H200, 535.104.05"\n')
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{smi.parent}:{os.environ['PATH']}"}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "tools/gpu_check.py", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and not out.exists(), proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "NVIDIA H200, 535.104.05" in lines[0] and f"torch {torch.__version__}" in lines[0]
+    assert f"(CUDA {torch.version.cuda})" in lines[0] and "--cpu" in lines[0]

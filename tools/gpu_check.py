@@ -2,24 +2,35 @@
 """One prepared check of the GPU path, writing one JSON: what a GPU machine does with lsa_dist.
 
 Parts, each reported as measured, skipped (with why) or failed (with the error), never
-stopping the others:
+stopping the others (one failing implementation or model keeps the rest of its part):
 
-  environment   torch, CUDA, the device and its datasheet peak, which dependencies import
-  attention     the SDPA kernel bf16 global attention takes (flash, memory-efficient, math)
+  environment   torch, CUDA, the driver, the device and its datasheet peak, which
+                dependencies import
+  attention     for the global attention shapes of lsa_tiny and lsa_small (bf16, forward +
+                backward): the kernel SDPA picks by default, and each of flash, memory-efficient,
+                cuDNN and math attention timed on the same tensors
   model         lsa_tiny and lsa_small bf16 training step, ours against the reference
-                implementation and ours under torch.compile: images/s, peak memory, MFU
-                (tools/benchmark_model.py, one process per implementation)
-  deepspeed     a 1-GPU DeepSpeed ZeRO-2 bf16 run of the real engine and loop on
-                train.synthetic data: images/s and MFU from its metrics
+                implementation and ours under torch.compile: images/s, peak memory, MFU on
+                the architecture's and the executed MAC count (tools/benchmark_model.py, one
+                process per implementation, training's TF32 and cuDNN settings)
+  engines       1-GPU runs of the real training loop on train.synthetic data: DeepSpeed ZeRO-2
+                bf16 with overlap_comm off and on, and the fairscale engine (torch DDP):
+                images/s and MFU from their metrics
   loaders       WebDataset and FFCV images/s into the device (decode, augment, copy,
                 normalise) on a generated photo dataset
 
-On a machine without a GPU it runs the CPU subset (small sizes) and says what it skipped.
-Only PyTorch and timm are needed beforehand; the rest (deepspeed, webdataset, omegaconf,
-submitit, mlflow, fairscale, simplejpeg, ffcv: see docs/benchmarks.md) may come as wheels:
+A machine with an NVIDIA GPU that torch cannot use (a wheel built for a newer CUDA than the
+driver's) stops at once with one line naming the versions; without a GPU it runs the CPU
+subset (small sizes) and says what it skipped. The run ends within `--budget-s` + 30 s
+(default 270 s): no part, model or engine starts after the budget, and a part's processes are
+stopped 30 s after it.
 
-    pip install --no-index --find-links wheels/ deepspeed webdataset omegaconf submitit ...
-    python tools/gpu_check.py --out gpu_check.json [--budget-s 420]
+Needs PyTorch and timm; the other parts need deepspeed, fairscale, webdataset, omegaconf,
+submitit, mlflow, simplejpeg and (for FFCV's loader) ffcv. `tools/gpu_wheels.sh` gathers them,
+with what they depend on beyond torch, into wheels/ for a machine without a package index:
+
+    pip install --no-index --find-links wheels/ -r wheels/requirements.txt
+    python tools/gpu_check.py --out gpu_check.json
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +57,42 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEPENDENCIES = ("timm", "deepspeed", "webdataset", "omegaconf", "submitit", "mlflow", "fairscale", "simplejpeg", "ffcv")
+MODELS = (("lsa_tiny", 64), ("lsa_small", 64))  # (model, batch per GPU)
+
+
+GRACE_S = 30  # a part's processes may run this long past the budget: the whole run ends by budget + 30 s
+
+
+def seconds_left(deadline: float) -> int:
+    """What a part's process may still take: until the budget's end plus the grace."""
+    return max(1, int(deadline + GRACE_S - time.time()))
+
+
+def unusable_gpu() -> str | None:
+    """The one-line reason when this machine has an NVIDIA GPU that torch cannot use, else None."""
+    if torch.cuda.is_available():
+        return None
+    smi = shutil.which("nvidia-smi")
+    if not smi and not any(Path("/dev").glob("nvidia[0-9]*")):
+        return None  # no GPU here: the CPU subset
+    driver = "driver unknown"
+    if smi:
+        query = [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        rows = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
+        driver = f"{rows[0]} (name, driver)" if rows else driver
+    if torch.version.cuda is None:
+        why = "it is a CPU-only build"
+    else:
+        try:
+            torch.cuda.init()
+            why = "no CUDA device is visible (CUDA_VISIBLE_DEVICES?)"
+        except Exception as err:  # noqa: BLE001 - the driver's own words
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"this machine has an NVIDIA GPU ({driver}) that torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}) cannot use: {why}; install a torch build for a CUDA version the "
+        f"driver supports (nvidia-smi shows it), or pass --cpu to run the CPU subset"
+    )
 
 
 class CannotRunError(Exception):
@@ -87,7 +135,12 @@ def environment() -> dict[str, Any]:
             device=name,
             memory_gb=round(props.total_memory / 2**30, 1),
             bf16_peak_tflops=gpu_peak(name, torch.bfloat16) / 1e12,
+            cudnn=torch.backends.cudnn.version(),
         )
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            query = [smi, "--query-gpu=driver_version", "--format=csv,noheader"]
+            info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip()
     else:
         info.update(device=f"cpu ({os.cpu_count()} cores)")
     found = {}
@@ -105,62 +158,100 @@ def environment() -> dict[str, Any]:
 def attention() -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise CannotRunError("no GPU: SDPA's fused kernels are CUDA kernels (CPU runs its own)")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
+    from lsa_dist.dist import cuda_settings
     from lsa_dist.models import create_model
 
-    taken = {}
-    for name in ("lsa_tiny", "lsa_cifar_tiny"):
-        model = create_model(name).cuda().to(torch.bfloat16).train()
-        size = model.cfg.image_size
-        images = torch.randn(8, 3, size, size, device="cuda", dtype=torch.bfloat16)
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+    cuda_settings()
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    names = {int(b.value): label for label, b in backends.items()}
+    out: dict[str, Any] = {}
+    for name, batch in MODELS:
+        cfg = create_model(name).cfg
+        for i, (width, heads, grid) in enumerate(zip(cfg.widths, cfg.heads, cfg.grid_sizes)):
+            e, kv = width // heads, 1 if cfg.shared_kv else heads
+            shape = (batch, heads, grid * grid, e)
+            q = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (
+                torch.randn(batch, kv, grid * grid, e, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2)
+            )
+            row: dict[str, Any] = {"batch": batch, "heads": heads, "kv_heads": kv, "tokens": grid * grid, "head_dim": e}
             try:
-                with sdpa_kernel([backend]):
-                    model(images).float().sum().backward()
-                taken[name] = backend.name.lower()
-                break
-            except RuntimeError:
-                continue
-    return {"backend": taken}
+                choice = torch._fused_sdp_choice(q, k, v, enable_gqa=kv != heads)
+                row["default"] = names.get(int(choice), str(choice))
+            except Exception as err:  # noqa: BLE001 - a private helper: its absence is reported
+                row["default"] = f"unknown ({type(err).__name__})"
+            row["default_ms"] = _time_sdpa(q, k, v, None)
+            for label, backend in backends.items():
+                try:
+                    row[f"{label}_ms"] = _time_sdpa(q, k, v, backend)
+                except RuntimeError as err:
+                    row[f"{label}_ms"] = None
+                    row[f"{label}_why"] = str(err).strip().splitlines()[0][:200] if str(err).strip() else "error"
+            out[f"{name}/stage{i + 1}"] = row
+            del q, k, v
+    return out
 
 
-def model_steps(quick: bool) -> dict[str, Any]:
+def _time_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any, iters: int = 10) -> float:
+    """Milliseconds per forward + backward of SDPA on these tensors, with `backend` forced (None:
+    SDPA's own choice), timed with CUDA events after a warm-up."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    context = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+    gqa = k.shape[1] != q.shape[1]
+    with context:
+        for _ in range(2):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa).sum().backward()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa).sum().backward()
+        end.record()
+        end.synchronize()
+    q.grad = k.grad = v.grad = None
+    return round(start.elapsed_time(end) / iters, 3)
+
+
+def model_steps(quick: bool, deadline: float) -> dict[str, Any]:
+    """Each model in its own benchmark run: one that fails (or a compile that fails within it)
+    keeps the others' figures."""
     gpu = torch.cuda.is_available()
-    cases = [("lsa_tiny", 64 if gpu else 4), ("lsa_small", 64 if gpu else 2)]
-    if quick or not gpu:
+    cases = list(MODELS) if gpu else [("lsa_cifar_tiny", 2)]  # CPU: the path, at a size that runs in a minute
+    if quick:
         cases = cases[:1]
-    out = {}
+    out: dict[str, Any] = {}
     for name, batch in cases:
+        if time.time() > deadline:
+            out[name] = {"status": "skipped", "why": "time budget spent"}
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "model.json"
-            cmd = [
-                sys.executable,
-                str(ROOT / "tools" / "benchmark_model.py"),
-                "--model",
-                name,
-                "--batch-size",
-                str(batch),
-            ]
-            cmd += [
-                "--dtype",
-                "bf16",
-                "--steps",
-                "20" if gpu else "2",
-                "--rounds",
-                "2" if gpu else "1",
-                "--json",
-                str(report),
-            ]
-            if gpu:
-                cmd.append("--compile")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{name}: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
-            result = json.loads(report.read_text())
-        out[name] = _with_mfu(result)
+            cmd = [sys.executable, str(ROOT / "tools" / "benchmark_model.py"), "--model", name]
+            cmd += ["--batch-size", str(batch), "--dtype", "bf16" if gpu else "fp32", "--json", str(report)]
+            cmd += ["--steps", "20", "--rounds", "2", "--compile"] if gpu else ["--steps", "2", "--rounds", "1"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds_left(deadline))
+            except subprocess.TimeoutExpired:
+                out[name] = {"status": "failed", "error": "out of the time budget"}
+                continue
+            if not report.exists():
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                out[name] = {"status": "failed", "error": lines[-1] if lines else f"exit {proc.returncode}"}
+                continue
+            out[name] = _with_mfu(json.loads(report.read_text()))
     if not gpu:
-        out["skipped"] = "lsa_small and torch.compile (CPU: minutes each)"
+        out["skipped"] = "lsa_tiny, lsa_small, bf16 and torch.compile (CPU: minutes each)"
     return out
 
 
@@ -177,7 +268,10 @@ def _with_mfu(result: dict[str, Any]) -> dict[str, Any]:
             "memory_vs_reference": round(r["memory_ratio"], 3),
             "first_step_s": round(r["first_step_s"], 1),
             "mfu": _finite(mfu(r["images_per_s"], result["macs_per_image"], peak, 1)),
+            "mfu_executed": _finite(mfu(r["images_per_s"], result["macs_per_image_executed"], peak, 1)),
         }
+    for impl, error in result.get("failed", {}).items():
+        rows[impl] = {"status": "failed", "error": error}
     return {"batch_size": result["batch_size"], "same_outputs": result["check"], "implementations": rows}
 
 
@@ -186,19 +280,41 @@ def _finite(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
-def deepspeed_step(quick: bool) -> dict[str, Any]:
-    for module in ("deepspeed", "omegaconf"):
+ENGINES = {
+    "deepspeed_zero2": ["engine.backend=deepspeed", "engine.zero_stage=2", "engine.overlap_comm=false"],
+    "deepspeed_zero2_overlap": ["engine.backend=deepspeed", "engine.zero_stage=2", "engine.overlap_comm=true"],
+    "fairscale_ddp": ["engine.backend=fairscale"],
+}
+
+
+def engines(quick: bool, deadline: float) -> dict[str, Any]:
+    """Each engine in its own 1-GPU run of the real loop; one that fails keeps the others."""
+    for module in ("deepspeed", "fairscale", "omegaconf"):
         try:
             importlib.import_module(module)
         except Exception as err:  # noqa: BLE001
             raise CannotRunError(f"{module} not importable ({type(err).__name__}); install the wheels") from err
     gpu = torch.cuda.is_available()
+    chosen = ENGINES if gpu else {"deepspeed_zero2": ENGINES["deepspeed_zero2"]}
+    out: dict[str, Any] = {}
+    for port, (label, engine) in enumerate(chosen.items(), start=29517):
+        if time.time() > deadline:
+            out[label] = {"status": "skipped", "why": "time budget spent"}
+            continue
+        try:
+            out[label] = {"status": "measured", **_engine_run(engine, gpu, quick, port, deadline)}
+        except Exception as err:  # noqa: BLE001 - reported, the next engine runs
+            out[label] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:1000]}
+    return out
+
+
+def _engine_run(engine: list[str], gpu: bool, quick: bool, port: int, deadline: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = ["train.synthetic=true", "model.num_classes=1000", "engine.zero_stage=2", "engine.precision=bf16"]
+        overrides = ["train.synthetic=true", "model.num_classes=1000", "engine.precision=bf16", *engine]
         overrides += [f"train.output_dir={tmp}", "train.name=gpu_check", "tracking.enabled=false", "data.num_workers=0"]
         overrides += ["checkpoint.export_at_end=false", "train.log_every=5", "tracking.log_every=5"]
         if gpu:
-            overrides += ["data.batch_size=128", f"train.max_steps={20 if quick else 60}"]
+            overrides += ["data.batch_size=128", f"train.max_steps={20 if quick else 40}"]
         else:  # a small model and batch: the CPU subset checks the path, not the speed
             overrides += ["data.batch_size=8", "data.image_size=64", "train.max_steps=6"]
             overrides += [
@@ -206,25 +322,26 @@ def deepspeed_step(quick: bool) -> dict[str, Any]:
                 "model.options.widths=[32,64,128,256]",
                 "model.options.heads=[1,2,4,8]",
             ]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29517"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}"]
         cmd = [*launcher, "-m", "lsa_dist.train", "--config", str(ROOT / "configs" / "lsa_tiny.yaml"), *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds_left(deadline), env=env, cwd=tmp)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError(" | ".join(tail))
         rows = [json.loads(line) for line in (Path(tmp) / "gpu_check" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/images_per_s" in r][1:]  # the first window holds start-up
     return {
-        "config": "lsa_tiny, ZeRO-2 bf16, 1 rank, synthetic data" if gpu else "a small lsa_tiny at 64 px, CPU",
+        "config": "lsa_tiny bf16, 1 rank, synthetic data" if gpu else "a small lsa_tiny at 64 px, CPU",
         "images_per_s": round(statistics.median(r["train/images_per_s"] for r in train), 1) if train else None,
         "mfu": round(statistics.median(r["train/mfu"] for r in train), 4) if train else None,
+        "mfu_executed": round(statistics.median(r["train/mfu_executed"] for r in train), 4) if train else None,
         "first_step_s": next((round(r["train/first_step_s"], 1) for r in rows if "train/first_step_s" in r), None),
         "final_loss": next((r["train/loss"] for r in reversed(rows) if "train/loss" in r), None),
     }
 
 
-def loaders(quick: bool) -> dict[str, Any]:
+def loaders(quick: bool, deadline: float) -> dict[str, Any]:
     try:
         importlib.import_module("webdataset")
     except Exception as err:  # noqa: BLE001
@@ -250,6 +367,9 @@ def loaders(quick: bool) -> dict[str, Any]:
             out["ffcv"] = {"status": "skipped", "why": f"ffcv not importable ({type(err).__name__}: {err})"[:300]}
         convert(src, shards, formats, ("train", "val"), ConvertOptions(samples_per_shard=64), workers=workers)
         for fmt in ("wds", "ffcv") if formats == "both" else ("wds",):
+            if time.time() > deadline + GRACE_S:
+                out[fmt] = {"status": "skipped", "why": "time budget spent"}
+                continue
             cfg = DataConfig(
                 format=fmt, root=str(shards), batch_size=32, num_workers=workers, augment=AugmentConfig(recipe="basic")
             )
@@ -276,21 +396,26 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path("gpu_check.json"), help="the JSON report (default gpu_check.json)"
     )
     parser.add_argument(
-        "--budget-s", type=int, default=420, help="no part starts after this many seconds (default 420)"
+        "--budget-s", type=int, default=270, help="no part starts after this many seconds (default 270)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer sizes and steps")
-    parser.add_argument(
-        "--parts", default="environment,attention,model,deepspeed,loaders", help="which parts, in order"
-    )
+    parser.add_argument("--cpu", action="store_true", help="run the CPU subset even where a GPU is unusable")
+    parser.add_argument("--parts", default="environment,attention,model,engines,loaders", help="which parts, in order")
     args = parser.parse_args(argv)
+    unusable = None if args.cpu else unusable_gpu()
+    if unusable:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("no GPU on this machine: the CPU subset runs (small sizes, no compile, no SDPA kernels)", flush=True)
     deadline = time.time() + args.budget_s
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": torch.cuda.is_available()}
     parts = {
         "environment": environment,
         "attention": attention,
-        "model": lambda: model_steps(args.quick),
-        "deepspeed": lambda: deepspeed_step(args.quick),
-        "loaders": lambda: loaders(args.quick),
+        "model": lambda: model_steps(args.quick, deadline),
+        "engines": lambda: engines(args.quick, deadline),
+        "loaders": lambda: loaders(args.quick, deadline),
     }
     for name in args.parts.split(","):
         if name not in parts:

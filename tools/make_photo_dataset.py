@@ -21,13 +21,31 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 
+def source_photos(seed: int = 0) -> list[Image.Image]:
+    """The photographs the images are cut from: scikit-learn's two sample photographs where it is
+    installed, else two generated 640x427 scenes (smooth colour fields with edges and texture, as
+    costly to decode as photographs), so that a machine with numpy and Pillow alone can run this."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        photos = []
+        for _ in range(2):
+            coarse = rng.uniform(0, 255, (7, 10, 3)).astype(np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((640, 427), Image.Resampling.BICUBIC), np.float32)
+            stripes = 40 * np.sin(np.arange(640) / rng.uniform(3, 12))[None, :, None]
+            field += np.where(np.arange(427)[:, None, None] > rng.integers(100, 300), stripes, 0)
+            field += rng.normal(0, 20, field.shape)
+            photos.append(Image.fromarray(field.clip(0, 255).astype(np.uint8)))
+        return photos
+    return [Image.fromarray(p) for p in load_sample_images().images]
+
+
 def make_photo_dataset(
     out: Path, classes: int = 10, per_class: int = 200, val_per_class: int = 20, seed: int = 0, grain: float = 12.0
 ) -> int:
     """Write train/<wnid>/ and val/<wnid>/ folders; returns the number of images written."""
-    from sklearn.datasets import load_sample_images
-
-    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    photos = source_photos(seed)
     rng = np.random.default_rng(seed)
     written = 0
     for split, count in (("train", per_class), ("val", val_per_class)):
