@@ -888,10 +888,10 @@ def test_imagenet_recipe_survives_the_strongest_randaugment() -> None:
 
 
 def test_ffcv_randaugment_runs_beside_the_trainer_from_its_own_seeded_generator(demo_shards: Path) -> None:
-    """The imagenet recipe's RandAugment on FFCV batches runs in a background thread with its
-    choices drawn from a generator of (seed, epoch, rank, batch): the same seed gives the same
-    choices, torch's global random stream (the training step's) is not drawn from, and an
-    epoch abandoned half-way ends its thread."""
+    """The imagenet recipe's RandAugment on FFCV batches runs batched in a background thread with
+    its choices drawn from a generator of (seed, epoch, rank, batch): the same seed gives the same
+    choices, batched gives what image by image gives, torch's global random stream (the training
+    step's) is not drawn from, and an epoch abandoned half-way ends its thread."""
     import threading
 
     from lsa_dist.data.ffcv import SeededRandAugment
@@ -903,6 +903,11 @@ def test_ffcv_randaugment_runs_beside_the_trainer_from_its_own_seeded_generator(
     same = [augment.augment(image, np.random.default_rng([7, 1])) for _ in range(2)]
     other = augment.augment(image, np.random.default_rng([7, 2]))
     assert torch.equal(same[0], same[1]) and not torch.equal(same[0], other)
+    # batched (each operation once per group of images that drew it) = image by image, bit for bit
+    batch = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    for seed in range(4):
+        one_by_one = [augment.augment(img, rng) for rng in [np.random.default_rng([seed])] for img in batch]
+        assert torch.equal(augment.augment_batch(batch, np.random.default_rng([seed])), torch.stack(one_by_one))
     assert torch.equal(torch.get_rng_state(), before)  # the global generator was not touched
     cfg = data_cfg(demo_shards, "ffcv", augment=AugmentConfig(recipe="imagenet", rand_augment="rand-m9-mstd0.5-inc1"))
     loader = build_loader(cfg, "train", 0, 1, True, seed=3)

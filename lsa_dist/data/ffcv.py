@@ -2,9 +2,10 @@
 
 Decoding with random-resized-crop (train) or center crop (eval) and flips run in FFCV's
 compiled pipeline. RandAugment of the imagenet recipe has no FFCV operation: it runs on the
-decoded uint8 batch (torchvision's tensor RandAugment, 2 ops at the recipe's magnitude) in a
-background thread two batches ahead of the trainer, its choices from its own seeded generator,
-so FFCV's ImageNet recipe differs from timm's in RandAugment's details. Normalisation and random
+decoded uint8 batch (torchvision's tensor RandAugment, 2 ops at the recipe's magnitude, each op
+once per group of images that drew it) in a background thread two batches ahead of the trainer,
+on its own CUDA stream on a GPU, its choices from its own seeded generator, so FFCV's ImageNet
+recipe differs from timm's in RandAugment's details. Normalisation and random
 erasing are applied per batch by `to_model_input`, as for WebDataset.
 
 Each epoch gets its own index list (permuted with (seed, epoch), cut per rank as in plan.py)
@@ -13,6 +14,7 @@ and FFCV reads it in that order; a restart at (epoch, batch) starts the list at 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -250,28 +252,81 @@ class SeededRandAugment(v2.RandAugment):
             )
         return image
 
+    def augment_batch(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The batch (B, C, H, W) as `augment` leaves each image, drawing in the same order, with
+        each operation run once per group of images that drew it (sorted together by one index,
+        its host copy pinned): on a GPU a few batched kernels instead of two small kernel chains,
+        and two pageable-memory copies of an affine matrix, per image."""
+        height, width = images.shape[-2:]
+        space = list(self._AUGMENTATION_SPACE.items())
+        draws = np.zeros((len(images), self.num_ops), dtype=np.int64)  # operation * 2 + negative
+        for i in range(len(images)):
+            for r in range(self.num_ops):
+                op = int(rng.integers(len(space)))
+                negative = space[op][1][1] and rng.random() <= 0.5
+                draws[i, r] = 2 * op + int(negative)
+        out = images
+        for r in range(self.num_ops):
+            order = np.argsort(draws[:, r], kind="stable")
+            keys, starts = np.unique(draws[order, r], return_index=True)
+            pieces = []
+            grouped = out.index_select(0, _to_device(order, out.device))
+            for key, start, end in zip(keys, starts, [*starts[1:], len(order)]):
+                transform_id, (magnitudes_fn, _) = space[int(key) // 2]
+                magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
+                magnitude = 0.0 if magnitudes is None else float(magnitudes[self.magnitude])
+                pieces.append(
+                    self._apply_image_or_video_transform(
+                        grouped[start:end],
+                        transform_id,
+                        -magnitude if key % 2 else magnitude,
+                        interpolation=self.interpolation,
+                        fill=self._fill,
+                    )
+                )
+            out = torch.cat(pieces).index_select(0, _to_device(np.argsort(order), out.device))
+        return out
+
+
+def _to_device(index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An index on `device`: copied from pinned memory, without waiting on the host."""
+    tensor = torch.from_numpy(index)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
 
 def _augmented(batches: Iterator[Batch], augment: SeededRandAugment, key: tuple[int, ...]) -> Iterator[Batch]:
-    """FFCV's batches copied out of its buffers and RandAugmented image by image in a background
+    """FFCV's batches copied out of its buffers and RandAugmented, batched, in a background
     thread, two batches ahead, while the trainer runs its step (torch's kernels release the GIL);
-    batch k's choices come from a generator seeded with (seed, epoch, rank, start batch, k)."""
+    batch k's choices come from a generator seeded with (seed, epoch, rank, start batch, k).
+    On a GPU the thread works on its own CUDA stream (FFCV's batches are taken inside it), and
+    each batch carries an event the training stream waits for: no host synchronisation with the
+    training step, and its kernels are not queued behind the augmentation's."""
     out: queue.Queue = queue.Queue(maxsize=2)
     done = threading.Event()
+    side = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def produce() -> None:
         try:
-            for k, (images, labels) in enumerate(batches):
-                rng = np.random.default_rng([*key, k])
-                images = torch.stack([augment.augment(img, rng) for img in images.clone()])
-                item: Any = (images, labels.clone().view(-1).long())
-                while not done.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
-                    return
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for k, (images, labels) in enumerate(batches):
+                    rng = np.random.default_rng([*key, k])
+                    images = augment.augment_batch(images.clone(), rng)
+                    labels = labels.clone().view(-1).long()
+                    ready = None
+                    if side is not None and images.is_cuda:
+                        ready = torch.cuda.Event()
+                        ready.record(side)
+                    item: Any = (images, labels, ready)
+                    while not done.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if done.is_set():
+                        return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
             out.put(err)
             return
@@ -283,7 +338,13 @@ def _augmented(batches: Iterator[Batch], augment: SeededRandAugment, key: tuple[
         while (item := out.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            images, labels, ready = item
+            if ready is not None:  # the training stream waits on the device, not the host
+                stream = torch.cuda.current_stream(images.device)
+                stream.wait_event(ready)
+                images.record_stream(stream)  # made on the side stream, used on this one
+                labels.record_stream(stream)
+            yield images, labels
     finally:  # the consumer stopped early (a stop request, max_steps): end the thread first
         done.set()
         thread.join()
