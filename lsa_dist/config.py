@@ -141,7 +141,7 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     backend: str = knob("deepspeed", choices=("deepspeed", "fairscale"), math=True)
-    zero_stage: int = knob(1, interval="[0, 3]", math=True)  # fairscale: 0 or 1 (OSS shards optimizer state only)
+    zero_stage: int = knob(1, interval="[0, 3]", math=True)  # fairscale: 0 (DDP, whole AdamW) or 1 (OSS)
     precision: str = knob("bf16", choices=("fp32", "bf16", "fp16"), math=True)
     activation_checkpointing: str = knob("none", choices=("none", "all", "every_k"))
     checkpoint_every_k: int = knob(2, interval="[1, inf)")  # with every_k: blocks 0, k, 2k, ... are checkpointed
