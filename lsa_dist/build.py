@@ -4,6 +4,7 @@ sizes), the model (engine, EMA, mixup, cost), the MLflow tracker, and the run's 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from .engine import Engine, build_engine
 from .fs import OWNER_ONLY, atomic_write_text
 from .models import LSA, LSAConfig, count_parameters, create_model, macs_by_size
 from .sinks import Console, MetricsFile, Sinks
-from .tracking import RECORD_NAME, Tracker, run_id_for, system_info
+from .tracking import RECORD_NAME, RUN_ID_ENV, Tracker, run_id_for, system_info
 from .weights import init_model_from, save_model_file
 
 
@@ -122,7 +123,10 @@ def build_tracker(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str
     records the run id in `state` (a PENDING run is recorded once it exists)."""
     record = cfg.run_dir / RECORD_NAME  # metrics.jsonl: what MLflow catches up from after an outage
     if not env.is_main:
-        return Tracker(cfg, "", record)
+        tracker = Tracker(cfg, "", record)
+        if env.local_rank == 0:  # another node's first process: its system metrics, into the launch's run
+            tracker.monitor_system(os.environ.get(RUN_ID_ENV, ""), env.node_rank, env.num_nodes)
+        return tracker
     previous = state.run_id
     tracker = Tracker(cfg, run_id_for(cfg, previous), record, previous=previous)
     state.run_id = tracker.run_id or previous
@@ -133,6 +137,7 @@ def build_tracker(cfg: RunConfig, env: DistEnv, state: TrainState, fallback: str
         tracker.log_artifact(cfg.run_dir / "mlflow" / "config.yaml")
         if fallback:
             tracker.set_tags({"resume.fallback": fallback})
+        tracker.monitor_system(tracker.run_id, env.node_rank, env.num_nodes)
     return tracker
 
 

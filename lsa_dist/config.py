@@ -173,6 +173,10 @@ class TrackingConfig:
     # steps between logged metrics (batched, sent by a background thread); each logging step waits
     # for the device once to read the loss and gradient norm, so not every step by default
     log_every: int = knob(10, interval="[1, inf)")
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) from each node, as system/<name>
+    # (system/node<k>/<name> on multi-node runs), sampled every system_metrics_interval_s seconds
+    system_metrics: bool = True
+    system_metrics_interval_s: float = knob(10.0, interval="(0, inf)")
     register_model: str = ""  # register the final model under this name; "" = don't
     # set when the config loads: the keys whose values come from ${oc.env:...}; MLflow's params
     # and config artifact show *** for them (the run folder's config.yaml keeps the values)

@@ -211,6 +211,7 @@ class Tracker:
         self.flush_every_s = flush_every_s
         self.closed = threading.Event()
         self.thread = None
+        self.system: Any = None  # MLflow's SystemMetricsMonitor of this node, if started
         if self.enabled:
             # the record's lines before this process's own: an earlier process's, sent only to its run
             self.start = self.mark.size()
@@ -281,8 +282,34 @@ class Tracker:
 
         self._call(log)
 
+    def monitor_system(self, run_id: str, node: int, nodes: int) -> None:
+        """MLflow's system metrics of this node (CPU, memory, disk, network, GPU where there is
+        one) sent to `run_id` by MLflow's own monitor thread until `finish`; called on one process
+        per node. None for a run not yet opened (the server was down at launch)."""
+        tracking = self.cfg.tracking
+        if not (tracking.enabled and tracking.system_metrics and run_id) or run_id == PENDING:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+            self.system = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=tracking.system_metrics_interval_s,
+                resume_logging=True,  # a resumed run's samples go on after its earlier ones
+                node_id=f"node{node}" if nodes > 1 else None,
+                tracking_uri=self.uri,
+            )
+            self.system.start()
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self.system = None
+            logger.warning(f"warning: no system metrics in MLflow ({first_line(err)})")
+
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left (queued, or in the record after the mark) and end the run with `status`."""
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
         if not self.enabled:
             return
         self.closed.set()

@@ -55,7 +55,9 @@ def runs_named(uri: str, name: str) -> list:
 def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_shards: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, LSA_TEST_SECRET_TOKEN="hunter2")
-    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=10", env=env)
+    proc = train(
+        tmp_path, "tracked", demo_shards, uri, "train.max_steps=10", "tracking.system_metrics_interval_s=1", env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs_named(uri, "tracked")
     params = run.data.params
@@ -72,13 +74,19 @@ def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_s
     assert "val/top1" in run.data.metrics and "train/mfu" in run.data.metrics
     artifacts = {a.path for a in client(uri).list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model.pt", "final_metrics.txt"} <= artifacts
+    # MLflow's system metrics of the one node, on by default (sampled every second here)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    samples = len(client(uri).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"))
 
-    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=20")
+    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=20", "tracking.system_metrics=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (again,) = runs_named(uri, "tracked")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     history = client(uri).get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 21))
+    # turned off: the resumed attempt sent none
+    assert len(client(uri).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) == samples
 
 
 def free_port() -> int:
