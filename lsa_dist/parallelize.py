@@ -18,8 +18,11 @@ def apply_to_model(cfg: RunConfig, model: LSA) -> None:
     """Activation checkpointing first (it patches the plain model's blocks), then torch.compile."""
     policy, every_k = cfg.engine.activation_checkpointing, cfg.engine.checkpoint_every_k
     # fairscale's wrapper breaks dynamo's graph and recompiles at every call until dynamo gives the
-    # blocks up to eager: compiled, both backends recompute through torch's checkpoint
-    if cfg.engine.backend == "fairscale" and not cfg.engine.compile:
+    # blocks up to eager: compiled, both backends recompute through torch's checkpoint. It also
+    # restores only CUDA's autocast for the recomputation: on a CPU under bf16 autocast it would
+    # recompute in float32 (other activations than the forward's), so there torch's checkpoint too.
+    fairscale_ok = torch.cuda.is_available() or cfg.engine.precision == "fp32"
+    if cfg.engine.backend == "fairscale" and not cfg.engine.compile and fairscale_ok:
         if policy != "none":
             from fairscale.nn.checkpoint import checkpoint_wrapper
 

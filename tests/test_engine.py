@@ -66,6 +66,26 @@ def test_activation_checkpointing_policies_pick_blocks() -> None:
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fairscale"])
+def test_checkpointed_blocks_recompute_under_the_forwards_autocast(backend: str) -> None:
+    """bf16 autocast on a CPU with every block checkpointed: the gradients are the ones without
+    checkpointing, bit for bit (fairscale's wrapper restores only CUDA's autocast, and recomputed
+    a CPU forward in float32; with this model's bf16 copies it failed on a dtype mismatch)."""
+    overrides = [f"engine.backend={backend}", "engine.zero_stage=1", "engine.precision=bf16"]
+    overrides += ["model.options.widths=[16,16]", "model.options.heads=[2,2]", "model.options.depths=[2,1]"]
+    grads = []
+    for policy in ("none", "all"):
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"engine.activation_checkpointing={policy}"])
+        torch.manual_seed(0)
+        model = create_model("lsa_cifar_tiny", widths=[16, 16], heads=[2, 2], depths=[2, 1])
+        apply_to_model(cfg, model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))).float().sum()
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fairscale"])
 def test_a_compiled_model_with_checkpointed_blocks_compiles_once(backend: str) -> None:
     """Activation checkpointing under torch.compile (aot_eager: the same capture as inductor) for
     both backends: the training steps reuse one graph, none recompiles, nothing falls back to eager
