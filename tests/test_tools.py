@@ -29,7 +29,7 @@ def test_model_benchmark_checks_outputs_and_reports_both_implementations(tmp_pat
     assert 0 < report["macs_per_image_executed"] < report["macs_per_image"] and report["failed"] == {}
 
 
-def test_memory_plan_chooses_the_engine_that_communicates_least_and_fits(tmp_path: Path) -> None:
+def test_memory_plan_chooses_ddp_then_the_zero_stages_without_recompute_first(tmp_path: Path) -> None:
     """DDP first where the states fit whole, recompute only where nothing fits without it, and a
     batch that fits nowhere said so."""
     out = tmp_path / "plan.json"

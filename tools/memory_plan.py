@@ -35,7 +35,7 @@ from lsa_dist.parallelize import apply_activation_checkpointing  # noqa: E402
 GB = 2**30
 
 
-ENGINES = ("ddp", "zero1", "zero2", "zero3")  # the order of preference: less communication first
+ENGINES = ("ddp", "zero1", "zero2", "zero3")  # the order of preference (see choose)
 CONFIG = {
     "ddp": "engine.backend=fairscale engine.zero_stage=0",
     "zero1": "engine.zero_stage=1",
@@ -90,9 +90,10 @@ def activation_bytes_per_image(name: str, image_size: int, recompute: bool, batc
 
 
 def choose(rows: list[dict]) -> dict[int, dict | None]:
-    """For each batch, the first row that fits: the engine that communicates least (DDP, then
-    ZeRO 1, 2, 3), without recompute before with it (recompute costs about a third more compute,
-    ZeRO-3 an all-gather of every weight twice per step)."""
+    """For each batch, the first row that fits, without recompute before with it (recompute
+    costs about a third more compute), the engines in the order DDP (whole states, torch's
+    bucketed all-reduce, none of DeepSpeed's per-parameter hooks), ZeRO-1 and ZeRO-2 (the same
+    bytes on the wire, states sharded), ZeRO-3 (an all-gather of every weight twice per step)."""
     out: dict[int, dict | None] = {}
     for batch in sorted({r["batch"] for r in rows}):
         fitting = [r for r in rows if r["batch"] == batch and r["fits"]]
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['total_gb']:>8.1f}  {'yes' if fits else 'no'}"
                 )
     choices = choose(rows)
-    print("\nchoice per batch (the least communication, then no recompute, that fits):")
+    print("\nchoice per batch (the first that fits of DDP, ZeRO-1, 2, 3 without recompute, then with it):")
     for batch, row in choices.items():
         if row is None:
             print(f"  {batch:>4}: nothing fits; fewer images per GPU")
