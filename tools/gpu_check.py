@@ -68,18 +68,25 @@ def seconds_left(deadline: float) -> int:
     return max(1, int(deadline + GRACE_S - time.time()))
 
 
+def nvidia_smi(fields: str) -> str:
+    """nvidia-smi's first GPU's `fields` (comma-separated, as --query-gpu takes them), or "" where
+    there is no nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ""
+    query = [smi, f"--query-gpu={fields}", "--format=csv,noheader"]
+    rows = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
+    return rows[0] if rows else ""
+
+
 def unusable_gpu() -> str | None:
     """The one-line reason when this machine has an NVIDIA GPU that torch cannot use, else None."""
     if torch.cuda.is_available():
         return None
-    smi = shutil.which("nvidia-smi")
-    if not smi and not any(Path("/dev").glob("nvidia[0-9]*")):
+    if not shutil.which("nvidia-smi") and not any(Path("/dev").glob("nvidia[0-9]*")):
         return None  # no GPU here: the CPU subset
-    driver = "driver unknown"
-    if smi:
-        query = [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"]
-        rows = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
-        driver = f"{rows[0]} (name, driver)" if rows else driver
+    found = nvidia_smi("name,driver_version")
+    driver = f"{found} (name, driver)" if found else "driver unknown"
     if torch.version.cuda is None:
         why = "it is a CPU-only build"
     else:
@@ -137,10 +144,7 @@ def environment() -> dict[str, Any]:
             bf16_peak_tflops=gpu_peak(name, torch.bfloat16) / 1e12,
             cudnn=torch.backends.cudnn.version(),
         )
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            query = [smi, "--query-gpu=driver_version", "--format=csv,noheader"]
-            info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip()
+        info["driver"] = nvidia_smi("driver_version")
     else:
         info.update(device=f"cpu ({os.cpu_count()} cores)")
     found = {}
