@@ -285,7 +285,7 @@ class Tracker:
     def monitor_system(self, run_id: str, node: int, nodes: int) -> None:
         """MLflow's system metrics of this node (CPU, memory, disk, network, GPU where there is
         one) sent to `run_id` by MLflow's own monitor thread until `finish`; called on one process
-        per node. None for a run not yet opened (the server was down at launch)."""
+        per node. Nothing is started for a run not yet opened (the server was down at launch)."""
         tracking = self.cfg.tracking
         if not (tracking.enabled and tracking.system_metrics and run_id) or run_id == PENDING:
             return
