@@ -160,9 +160,13 @@ class ShiftAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.keep_weights = False  # set by lsa_dist.attention.record_attention
+        self.weights: torch.Tensor | None = None  # then: the last forward's (B, N, H, S) weights
 
     def forward(self, query: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
-        """query: normalised copy 0 (B, N, D); copies: normalised (B, N, S, D). Returns (B, N, D)."""
+        """query: normalised copy 0 (B, N, D); copies: normalised (B, N, S, D). Returns (B, N, D).
+        With `keep_weights`, the attention weights over the S shifts are kept in `weights`
+        (the explicit path below, which training with attention dropout takes too)."""
         b, n, s, d = copies.shape
         h, e, hk = self.num_heads, self.head_dim, self.kv_heads
         rows = copies.reshape(b * n, s, d)
@@ -173,8 +177,10 @@ class ShiftAttention(nn.Module):
             q_in = q @ w_k[0]  # (BN, H, D)
         else:
             q_in = torch.einsum("mhe,hed->mhd", q, w_k).contiguous()
-        if self.training and self.attn_drop.p > 0:
+        if (self.training and self.attn_drop.p > 0) or self.keep_weights:
             attn = torch.bmm(q_in, rows.transpose(1, 2)).softmax(dim=-1)
+            if self.keep_weights:
+                self.weights = attn.detach().view(b, n, h, s)
             mixed = torch.bmm(self.attn_drop(attn), rows)
         else:
             device_type = rows.device.type
@@ -209,8 +215,12 @@ class GlobalAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.keep_weights = False  # set by lsa_dist.attention.record_attention
+        self.weights: torch.Tensor | None = None  # then: the last forward's (B, H, N, N) weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With `keep_weights` (evaluation only), attention is computed as softmax(q k^T / sqrt(e)) v
+        in plain operations, SDPA's definition, and its weights are kept in `weights`."""
         b, n, d = x.shape
         h, e, hk = self.num_heads, self.head_dim, self.kv_heads
         # split/unbind rather than slicing: their backward concatenates instead of
@@ -219,9 +229,15 @@ class GlobalAttention(nn.Module):
         q = q.view(b, n, h, e).transpose(1, 2)
         k = k.view(b, n, hk, e).transpose(1, 2)
         v = v.view(b, n, hk, e).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, enable_gqa=hk != h
-        )
+        if self.keep_weights and not self.training:
+            k, v = k.expand(b, h, n, e), v.expand(b, h, n, e)  # one key/value head serves all (shared_kv)
+            weights = (q @ k.transpose(-2, -1) * e**-0.5).softmax(dim=-1)
+            self.weights = weights.detach()
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0.0, enable_gqa=hk != h
+            )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
 
