@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,3 +68,108 @@ def rollout(stage_weights: list[torch.Tensor]) -> torch.Tensor:
     if out is None:
         raise ValueError("rollout needs at least one block's weights")
     return out
+
+
+def _stages(model: nn.Module, kept: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The kept global weights, grouped by stage, in block order."""
+    out: list[list[torch.Tensor]] = [[] for _ in model.stages]
+    for name, _ in model.blocks():
+        stage = int(name.split(".")[1])
+        if kept[name].dim() == 4 and kept[name].shape[-1] == kept[name].shape[-2]:
+            out[stage].append(kept[name])
+    return out
+
+
+def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable, path: Path, queries: int = 3) -> Path:
+    """A PNG at `path`: one row per image of `images` (uint8, (B, 3, H, W)) and the columns
+    - the image;
+    - local shift attention: the expected shift of every token as an arrow (scaled up), on the image;
+    - local shift attention: its entropy over the shifts (0: one shift, 1: all alike);
+    - stage 1's last global block: the heads' mean weights of `queries` query tokens (marked);
+    - per stage: attention rollout over its global blocks for the centre token.
+    `model_input` turns the uint8 batch into the model's input (the loader's normalisation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_attention(model) as kept:
+            model(model_input(images))
+    finally:
+        model.train(was_training)
+    names = [name for name, _ in model.blocks()]
+    shift_w = kept[names[0]]
+    grid = model.cfg.grid_sizes[0]
+    stages = _stages(model, kept)
+    shift = expected_shift(shift_w, model.cfg.shifts).view(-1, grid, grid, 2)
+    entropy = shift_entropy(shift_w).view(-1, grid, grid)
+    n = grid * grid
+    picks = [n // 2 + grid // 2, grid // 4 * grid + grid // 4, (3 * grid // 4) * grid + 3 * grid // 4][:queries]
+    rolled = [rollout(w) if w else None for w in stages]
+    columns = 3 + len(picks) + sum(r is not None for r in rolled)
+    fig, axes = plt.subplots(len(images), columns, figsize=(2.2 * columns, 2.3 * len(images) + 0.6), squeeze=False)
+    size = images.shape[-1]
+    for row, image in enumerate(images):
+        shown = image.permute(1, 2, 0).cpu().numpy()
+        cells = iter(axes[row])
+        ax = next(cells)
+        ax.imshow(shown)
+        ax.set_title("image" if row == 0 else "")
+        ax = next(cells)
+        ax.imshow(shown, alpha=0.6)
+        step = max(1, grid // 16)
+        ys, xs = torch.meshgrid(torch.arange(0, grid, step), torch.arange(0, grid, step), indexing="ij")
+        cell = size / grid
+        vec = shift[row, ::step, ::step]
+        scale = 0.9 * cell * step / max(vec.abs().max().item(), 1e-6)
+        ax.quiver(
+            (xs + 0.5) * cell,
+            (ys + 0.5) * cell,
+            vec[..., 1] * scale,
+            -vec[..., 0] * scale,
+            color="red",
+            angles="xy",
+            scale_units="xy",
+            scale=1,
+            width=0.006,
+        )
+        ax.set_title("expected shift (arrows)" if row == 0 else "")
+        ax = next(cells)
+        im = ax.imshow(entropy[row].cpu().numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_title("shift entropy" if row == 0 else "")
+        if row == 0:
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        last = stages[0][-1] if stages[0] else None
+        for q in picks:
+            ax = next(cells)
+            ax.imshow(shown)
+            if last is not None:
+                heat = last[row].float().mean(0)[q].view(grid, grid).cpu().numpy()
+                ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, size, size, 0))
+            ax.plot([(q % grid + 0.5) * cell], [(q // grid + 0.5) * cell], marker="x", color="cyan", markersize=8)
+            ax.set_title(f"stage 1 global, query {q}" if row == 0 else "", fontsize=8)
+        for k, r in enumerate(rolled):
+            if r is None:
+                continue
+            ax = next(cells)
+            g = model.cfg.grid_sizes[k]
+            centre = (g // 2) * g + g // 2
+            ax.imshow(shown)
+            ax.imshow(r[row, centre].view(g, g).cpu().numpy(), cmap="inferno", alpha=0.6, extent=(0, size, size, 0))
+            ax.set_title(f"stage {k + 1} rollout, centre" if row == 0 else "", fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(
+        f"LSA attention: arrows = expected shift of the local shift attention (x{scale / cell:.0f}); "
+        "entropy 0 = one shift, 1 = all alike; heat = attention weight (x = query)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
