@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -173,3 +177,61 @@ def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+class EvaluationPictures:
+    """tracking.attention_maps: after every complete evaluation, rank 0 draws the attention of
+    the same N validation images (the first labelled ones of its validation shard) with the
+    weights just evaluated, into <run>/attention/step_<step>.png, and logs it to MLflow under
+    attention/. The drawing runs on the CPU in fp32 on a fresh copy of the model, under a forked
+    random state: training's weights, layouts and random streams are untouched."""
+
+    def __init__(
+        self,
+        count: int,
+        model_config: dict[str, Any],
+        val_loader: Any,
+        run_dir: Path,
+        log_artifact: Callable[[Path, str], None],
+    ) -> None:
+        self.count, self.model_config, self.loader = count, model_config, val_loader
+        self.folder, self.log_artifact = run_dir / "attention", log_artifact
+        self.images: torch.Tensor | None = None
+
+    def draw(self, engine: Any, step: int, is_main: bool) -> Path | None:
+        """Every rank calls this (the weights are gathered under ZeRO-3); rank 0 draws."""
+        if self.count == 0:
+            return None
+        weights = engine.full_state_dict()
+        if not is_main or weights is None:
+            return None
+        from .models import LSA, LSAConfig
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                network = LSA(LSAConfig(**self.model_config))
+                network.load_state_dict(weights)
+                if self.images is None:
+                    self.images = first_images(self.loader, self.count)
+                path = attention_grid(
+                    network, self.images, self.loader.to_model_input, self.folder / f"step_{step:08d}.png"
+                )
+        except Exception as err:  # a picture is never worth the run
+            logger.warning(
+                "attention picture at step %d not drawn (%s: %s); training goes on", step, type(err).__name__, err
+            )
+            return None
+        self.log_artifact(path, "attention")
+        return path
+
+
+def first_images(loader: Any, count: int) -> torch.Tensor:
+    """The first `count` labelled images (uint8) of the loader's epoch 0: the same ones every time."""
+    chosen: list[torch.Tensor] = []
+    for images, labels in loader.epoch(0):
+        chosen += [image for image, label in zip(images, labels) if label >= 0]
+        if len(chosen) >= count:
+            break
+    if not chosen:
+        raise ValueError("the validation split has no labelled images")
+    return torch.stack(chosen[:count])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import dist as D
 from . import rng
+from .attention import EvaluationPictures
 from .build import Data, Model, build_data, build_model, build_sinks, export_run, write_run_configs
 from .checkpoint import Checkpointer, CheckpointError, CheckpointManager, TrainState
 from .config import RunConfig, to_yaml
@@ -85,6 +86,13 @@ class Trainer:
         self.sinks = build_sinks(cfg, self.env, self.state, fallback, console)
         self.telemetry = Telemetry(cfg, self.model.macs, self.env.world_size, self.device)
         self.evaluator = Evaluator(self.data.val_loader, console, self.stop, self.device)
+        self.pictures = EvaluationPictures(
+            cfg.tracking.attention_maps,
+            self.model.config,
+            self.data.val_loader,
+            cfg.run_dir,
+            self.sinks.tracker.log_artifact,
+        )
 
     # -- taking the run and resuming ----------------------------------------------------------
     def _resume(self, console: Console) -> tuple[TrainState, str, str]:
@@ -195,8 +203,12 @@ class Trainer:
         return F.cross_entropy(logits, targets, label_smoothing=self.cfg.data.augment.label_smoothing)
 
     def evaluate(self) -> dict[str, float]:
-        """val/* of the trained weights and, when an EMA is kept, val_ema/* of it (every rank)."""
-        return self.evaluator(self.model.engine, self.model.ema, self.state.epoch)
+        """val/* of the trained weights and, when an EMA is kept, val_ema/* of it (every rank);
+        a complete evaluation also draws the attention pictures (tracking.attention_maps)."""
+        metrics = self.evaluator(self.model.engine, self.model.ema, self.state.epoch)
+        if not self.evaluator.cut:
+            self.pictures.draw(self.model.engine, self.state.step, self.env.is_main)
+        return metrics
 
     def checkpoint(self, event: str) -> None:
         """Save if the policy says so for this event (lsa_dist.checkpoint.Checkpointer)."""

@@ -17,12 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.attention import attention_grid  # noqa: E402
+from lsa_dist.attention import attention_grid, first_images  # noqa: E402
 from lsa_dist.checkpoint import CheckpointError  # noqa: E402
 from lsa_dist.config import load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
@@ -61,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg = load(args.source, args.config, args.overrides)
         loader = build_loader(cfg.data, cfg.data.val_split, 0, 1, train=False, seed=cfg.train.seed)
-        chosen: list[torch.Tensor] = []
-        for images, labels in loader.epoch(0):
-            chosen += [img for img, label in zip(images, labels) if label >= 0]
-            if len(chosen) >= args.images:
-                break
-        images = torch.stack(chosen[: args.images])
+        images = first_images(loader, args.images)
         out = args.out or (args.source.parent if args.source.is_file() else args.source) / "attention"
         path = attention_grid(model, images, loader.to_model_input, out / "attention.png", args.queries)
         print(f"wrote {path} ({len(images)} images)")

@@ -230,7 +230,7 @@ class GlobalAttention(nn.Module):
         k = k.view(b, n, hk, e).transpose(1, 2)
         v = v.view(b, n, hk, e).transpose(1, 2)
         if self.keep_weights and not self.training:
-            k, v = k.expand(b, h, n, e), v.expand(b, h, n, e)  # one key/value head serves all (shared_kv)
+            k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)  # shared key/value heads
             weights = (q @ k.transpose(-2, -1) * e**-0.5).softmax(dim=-1)
             self.weights = weights.detach()
             out = weights @ v
