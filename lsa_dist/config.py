@@ -177,8 +177,8 @@ class TrackingConfig:
     # (system/node<k>/<name> on multi-node runs), sampled every system_metrics_interval_s seconds
     system_metrics: bool = True
     system_metrics_interval_s: float = knob(10.0, interval="(0, inf)")
-    # at every evaluation, rank 0 draws the attention of this many fixed validation images
-    # (lsa_dist.attention) into <run>/attention/step_<step>.png and MLflow's attention/; 0 = off
+    # with tracking on, at every evaluation rank 0 draws the attention of this many fixed validation
+    # images (lsa_dist.attention) into <run>/attention/step_<step>.png and MLflow's attention/; 0 = off
     attention_maps: int = knob(4, interval="[0, 32]")
     register_model: str = ""  # register the final model under this name; "" = don't
     # set when the config loads: the keys whose values come from ${oc.env:...}; MLflow's params

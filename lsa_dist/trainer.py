@@ -87,7 +87,7 @@ class Trainer:
         self.telemetry = Telemetry(cfg, self.model.macs, self.env.world_size, self.device)
         self.evaluator = Evaluator(self.data.val_loader, console, self.stop, self.device)
         self.pictures = EvaluationPictures(
-            cfg.tracking.attention_maps,
+            cfg.tracking.attention_maps if cfg.tracking.enabled else 0,
             self.model.config,
             self.data.val_loader,
             cfg.run_dir,

@@ -26,6 +26,7 @@ TINY = [
     "optim.epochs=2",
     "optim.warmup_epochs=0.5",
     "tracking.log_every=1",
+    "tracking.attention_maps=0",  # drawn where a test asks for them (test_tracking)
 ]
 
 # the paper's training recipe (DeiT's, as lsa_tiny.yaml has it) on the demo images: the

@@ -4,11 +4,17 @@ gives the same logits."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from lsa_dist.attention import expected_shift, record_attention, rollout, shift_entropy
 from lsa_dist.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model() -> torch.nn.Module:
@@ -59,3 +65,34 @@ def test_expected_shift_entropy_and_rollout() -> None:
     uniform = torch.full((1, 2, 4, 4), 0.25)
     out = rollout([uniform, uniform])
     assert out.shape == (1, 4, 4) and torch.allclose(out.sum(-1), torch.ones(1, 4))
+
+
+def test_evaluation_pictures_draw_fixed_images_without_touching_trainings_random_state(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    from lsa_dist.attention import EvaluationPictures
+    from lsa_dist.config import load_config
+    from lsa_dist.data import build_loader
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={demo_shards}", "data.num_workers=0"])
+    loader = build_loader(cfg.data, "val", 0, 1, train=False, seed=0)
+    model = _model()
+
+    class Trained:  # the engine's one call used here: the whole model's fp32 weights on rank 0
+        def full_state_dict(self) -> dict[str, torch.Tensor]:
+            return {k: v.clone() for k, v in model.state_dict().items()}
+
+    logged: list[tuple[Path, str]] = []
+    pictures = EvaluationPictures(2, asdict(model.cfg), loader, tmp_path, lambda p, f: logged.append((p, f)))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = pictures.draw(Trained(), 7, is_main=True)
+    assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
+    images = pictures.images
+    second = pictures.draw(Trained(), 9, is_main=True)
+    assert pictures.images is images and images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert [p.name for p, _ in logged] == ["step_00000007.png", "step_00000009.png"] == [first.name, second.name]
+    assert {folder for _, folder in logged} == {"attention"}
+    with Image.open(first) as png:
+        assert png.format == "PNG"
+    assert pictures.draw(Trained(), 11, is_main=False) is None and len(logged) == 2  # rank 0 draws

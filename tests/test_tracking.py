@@ -56,7 +56,14 @@ def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_s
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, LSA_TEST_SECRET_TOKEN="hunter2")
     proc = train(
-        tmp_path, "tracked", demo_shards, uri, "train.max_steps=10", "tracking.system_metrics_interval_s=1", env=env
+        tmp_path,
+        "tracked",
+        demo_shards,
+        uri,
+        "train.max_steps=10",
+        "tracking.system_metrics_interval_s=1",
+        "tracking.attention_maps=2",
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs_named(uri, "tracked")
@@ -78,8 +85,17 @@ def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_s
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     samples = len(client(uri).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"))
+    assert attention_pictures(uri, run.info.run_id) == ["attention/step_00000010.png"]
 
-    proc = train(tmp_path, "tracked", demo_shards, uri, "train.max_steps=20", "tracking.system_metrics=false")
+    proc = train(
+        tmp_path,
+        "tracked",
+        demo_shards,
+        uri,
+        "train.max_steps=20",
+        "tracking.system_metrics=false",
+        "tracking.attention_maps=2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (again,) = runs_named(uri, "tracked")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
@@ -87,6 +103,21 @@ def test_two_process_run_logs_one_run_from_rank_0_and_resume_continues_it(demo_s
     assert sorted(m.step for m in history) == list(range(1, 21))
     # turned off: the resumed attempt sent none
     assert len(client(uri).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) == samples
+    # one attention picture per evaluation, at its step, from the same two validation images
+    evaluations = sorted(m.step for m in client(uri).get_metric_history(run.info.run_id, "val/top1"))
+    assert evaluations == [10, 20]
+    pictures = attention_pictures(uri, run.info.run_id)
+    assert pictures == [f"attention/step_{step:08d}.png" for step in evaluations]
+    for picture in pictures:
+        local = client(uri).download_artifacts(run.info.run_id, picture, str(tmp_path / "downloaded"))
+        with Image.open(local) as image:
+            assert image.format == "PNG" and image.width > 400 and image.height > 200
+    kept = sorted(p.name for p in (tmp_path / "tracked" / "attention").iterdir())
+    assert kept == [Path(p).name for p in pictures]
+
+
+def attention_pictures(uri: str, run_id: str) -> list[str]:
+    return sorted(a.path for a in client(uri).list_artifacts(run_id, "attention"))
 
 
 def free_port() -> int:
