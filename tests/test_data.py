@@ -162,7 +162,7 @@ def test_awkward_files_are_fixed_or_reported(awkward_source: Path, tmp_path: Pat
     assert entry["fixed"] == {
         "cmyk converted to RGB": 1,
         "grayscale converted to RGB": 1,
-        "png bytes in a JPEG file": 1,
+        "png re-encoded as JPEG": 1,
     }
     reasons = {Path(s["path"]).name: s["reason"] for s in entry["skipped"]}
     assert reasons["n02_1.JPEG"] == "truncated file"

@@ -15,6 +15,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +45,23 @@ def wnid(digit: int) -> str:
 def make_demo_dataset(out: Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, int]:
     """Write the folder; returns the number of images per split. Replaces an earlier demo folder,
     never anything else (NotOursError)."""
-    if out.exists() and not (out.is_dir() and (written_by_us(out) or not any(out.iterdir()))):
+    return replace_folder(out, written_by_us(out), "demo dataset", lambda tmp: _write(tmp, val_fraction, seed, size))
+
+
+def replace_folder(out: Path, ours: bool, what: str, write: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """Write a dataset folder through `write(tmp)` into a new sibling, then swap it in for `out`.
+    `out` may only be replaced when `ours` (a folder this tool wrote) or empty: otherwise
+    NotOursError and nothing is deleted. A failed write leaves `out` as it was."""
+    if out.exists() and not (out.is_dir() and (ours or not any(out.iterdir()))):
         raise NotOursError(
-            f"{out} exists and is not a demo dataset written by this tool (no {MARKER}); nothing was deleted: "
+            f"{out} exists and is not a {what} written by this tool (no marker file); nothing was deleted: "
             "choose another --out or remove it yourself"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a new name: nothing else is touched
     try:
         tmp.chmod(0o755)
-        counts = _write(tmp, val_fraction, seed, size)
+        counts = write(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     except BaseException:

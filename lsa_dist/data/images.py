@@ -56,7 +56,7 @@ def process_image(
         if width * height > max_pixels:
             raise BadImageError(f"{width}x{height} pixels, over --max-pixels {max_pixels}")
         if image.format != "JPEG":
-            fixes.append(f"{(image.format or 'unknown').lower()} bytes in a JPEG file")
+            fixes.append(f"{(image.format or 'unknown').lower()} re-encoded as JPEG")
         target = stored_size(*image.size, max_side, min_side)
         if target is not None and image.format == "JPEG":
             image.draft(image.mode if image.mode in ("RGB", "L") else None, target)  # DCT-domain downscale
