@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-model bench-data bench-train clean
+.PHONY: setup demo fashion test lint bench-model bench-data bench-train clean
 
 $(STAMP): setup.cfg pyproject.toml tools/setup_system.sh
 	tools/setup_system.sh
@@ -24,6 +24,12 @@ demo: $(STAMP)
 	$(BIN)/python tools/make_demo_dataset.py --out data/demo/imagenet
 	$(BIN)/python tools/convert_imagenet.py --src data/demo/imagenet --out data/demo/shards --samples-per-shard 200
 	$(BIN)/python launch/local.py --config configs/demo.yaml
+
+## Fashion-MNIST (Debian's dataset-fashion-mnist), converted, trained with 2 processes for 10 epochs.
+fashion: $(STAMP)
+	$(BIN)/python tools/make_fashion_dataset.py --out data/fashion/imagenet
+	$(BIN)/python tools/convert_imagenet.py --src data/fashion/imagenet --out data/fashion/shards --format wds --jpeg-quality 95 --samples-per-shard 5000
+	$(BIN)/python launch/local.py --config configs/fashion.yaml
 
 ## The test suite (slow end-to-end tests included).
 test: $(STAMP)

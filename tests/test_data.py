@@ -143,6 +143,43 @@ def test_the_demo_writer_replaces_only_its_own_folders(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.iterdir()} == {"thesis", "demo", "mlflow.db"}  # no temporary folder left
 
 
+def test_fashion_mnist_is_written_losslessly_in_the_imagenet_layout_and_converts(tmp_path: Path) -> None:
+    import gzip
+
+    from make_fashion_dataset import CLASSES, make_fashion_dataset, read_idx
+    from make_fashion_dataset import SourceError as FashionSourceError
+
+    src = ROOT / "tests" / "fixtures" / "fashion-mnist"  # 3 training and 2 test images per class
+    out = tmp_path / "fashion"
+    assert make_fashion_dataset(out, src) == {"train": 30, "val": 20}
+    assert make_fashion_dataset(out, src, limit_per_class=1) == {"train": 10, "val": 10}  # its own: replaced
+    assert make_fashion_dataset(out, src) == {"train": 30, "val": 20}
+    images = read_idx(src / "t10k-images-idx3-ubyte.gz", 3)
+    rows = (out / "LOC_val_solution.csv").read_text().splitlines()[1:]
+    first_id = rows[0].split(",")[0]
+    with Image.open(out / "val" / f"{first_id}.png") as png:
+        pixels = np.asarray(png)
+    assert pixels.shape == (32, 32) and not pixels[:2].any() and not pixels[:, -2:].any()  # 2 px of background
+    assert np.array_equal(pixels[2:30, 2:30], images[0])  # no pixel resampled or re-encoded
+    mapping = (out / "LOC_synset_mapping.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in mapping] == CLASSES
+    manifest = convert(out, tmp_path / "shards", "wds", options=ConvertOptions(min_side=0), workers=1)
+    assert manifest["splits"]["train"]["num_samples"] == 30 and manifest["splits"]["val"]["num_samples"] == 20
+    assert manifest["class_names"] == CLASSES
+    # a damaged source is named, and nothing is written
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in src.glob("*.gz"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    whole = gzip.decompress((src / "train-images-idx3-ubyte.gz").read_bytes())
+    (broken / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(whole[:-100]))
+    with pytest.raises(FashionSourceError, match="train-images-idx3-ubyte.gz holds .* it is truncated; fetch it again"):
+        make_fashion_dataset(tmp_path / "never", broken)
+    with pytest.raises(FashionSourceError, match="is missing: install Debian's dataset-fashion-mnist"):
+        make_fashion_dataset(tmp_path / "never", tmp_path / "nowhere")
+    assert not (tmp_path / "never").exists()
+
+
 def test_stored_size_keeps_what_evaluation_and_full_scale_crops_need() -> None:
     from lsa_dist.data.images import stored_size
 
