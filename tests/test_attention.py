@@ -96,3 +96,23 @@ def test_evaluation_pictures_draw_fixed_images_without_touching_trainings_random
     with Image.open(first) as png:
         assert png.format == "PNG"
     assert pictures.draw(Trained(), 11, is_main=False) is None and len(logged) == 2  # rank 0 draws
+
+
+def test_the_tool_draws_a_model_file_on_its_runs_validation_images(demo_shards: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lsa_dist.weights import save_model_file
+
+    model = _model()
+    save_model_file(tmp_path / "model.pt", asdict(model.cfg), model.state_dict())
+    tool = [sys.executable, str(ROOT / "tools" / "attention_maps.py"), str(tmp_path / "model.pt")]
+    config = ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={demo_shards}", "data.num_workers=0"]
+    done = subprocess.run(
+        [*tool, "--images", "3", "--out", str(tmp_path / "pictures"), *config], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(tmp_path / "pictures" / "attention.png") as png:
+        assert png.format == "PNG" and png.height > 3 * 150  # one row per image
+    refused = subprocess.run(tool, capture_output=True, text=True)  # a model file needs its config
+    assert refused.returncode == 2 and "give --config" in refused.stderr

@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="the run's config, for a model file")
     parser.add_argument("--queries", type=int, default=3, help="query tokens of stage 1's global attention (1-3)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. data.root=...)")
-    args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error("--images must be at least 1")
+    args = parser.parse_intermixed_args(argv)
+    if not 1 <= args.images <= 32:
+        parser.error("--images must be in 1..32")
+    if not 1 <= args.queries <= 3:
+        parser.error("--queries must be in 1..3")
     try:
         model, cfg = load(args.source, args.config, args.overrides)
         loader = build_loader(cfg.data, cfg.data.val_split, 0, 1, train=False, seed=cfg.train.seed)
