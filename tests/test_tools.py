@@ -70,3 +70,28 @@ def test_gpu_check_stops_at_once_on_a_gpu_torch_cannot_use(tmp_path: Path) -> No
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "NVIDIA H200, 535.104.05" in lines[0] and f"torch {torch.__version__}" in lines[0]
     assert f"(CUDA {torch.version.cuda})" in lines[0] and "--cpu" in lines[0]
+
+
+def test_fashion_benchmark_reports_each_evaluation_against_the_published_figures(tmp_path: Path) -> None:
+    from lsa_dist.record import append_record
+
+    run = tmp_path / "runs" / "fashion"
+    run.mkdir(parents=True)
+    record = run / "metrics.jsonl"
+    append_record(record, {"train/first_step_s": 0.5}, 1)
+    append_record(record, {"train/loss": 1.0}, 10)
+    append_record(record, {"epoch": 1, "val/top1": 90.0}, 468)
+    append_record(record, {"epoch": 2, "val/top1": 93.0}, 936)
+    cmd = [sys.executable, "tools/benchmark_fashion.py", "--reuse", f"train.output_dir={tmp_path / 'runs'}"]
+    cmd += ["--json", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "best 0.9300 at epoch 2; 0.925 reached at epoch 2" in proc.stdout
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert [(r["epoch"], r["top1"]) for r in report["rows"]] == [(1, 0.9), (2, 0.93)]
+    assert report["published"]["ResNet-18"] == 0.949 and report["launch_minutes"] is None
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    empty = subprocess.run(
+        [*cmd[:3], "train.name=none", f"train.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert empty.returncode == 2 and "metrics.jsonl is missing: train the run first" in empty.stderr
