@@ -11,6 +11,7 @@
 #     OUT.png      default runs/mlflow_<page>.png
 #     BACKEND_URI  default sqlite:///$PWD/mlflow.db (what training uses)
 #
+# WINDOW=W,H sets the browser window (default 1600,1100).
 # Needs: chromium (apt-get install chromium) and the project's .venv (mlflow).
 set -euo pipefail
 PAGE="${1:-compare}"
@@ -59,6 +60,6 @@ PYEOF
 )"
 "$BROWSER" --headless=new --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
-  --user-data-dir="$(mktemp -d)" --window-size=1600,1100 --virtual-time-budget=20000 \
+  --user-data-dir="$(mktemp -d)" --window-size="${WINDOW:-1600,1100}" --virtual-time-budget=20000 \
   --screenshot="$OUT" "$URL" >/dev/null 2>&1
 echo "wrote $OUT ($URL)"
