@@ -90,7 +90,9 @@ def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable
     - local shift attention: the expected shift of every token as an arrow (scaled up), on the image;
     - local shift attention: its entropy over the shifts (0: one shift, 1: all alike);
     - stage 1's last global block: the heads' mean weights of `queries` query tokens (marked);
-    - per stage: attention rollout over its global blocks for the centre token.
+    - per stage: attention rollout over its global blocks for the centre token (the colour scale
+      ends at the largest weight on another token: the token's own weight, mostly the residual
+      path, saturates).
     `model_input` turns the uint8 batch into the model's input (the loader's normalisation)."""
     import matplotlib
 
@@ -162,7 +164,13 @@ def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable
             g = model.cfg.grid_sizes[k]
             centre = (g // 2) * g + g // 2
             ax.imshow(shown)
-            ax.imshow(r[row, centre].view(g, g).cpu().numpy(), cmap="inferno", alpha=0.6, extent=(0, size, size, 0))
+            heat = r[row, centre].clone()
+            others = heat.clone()
+            others[centre] = 0  # the residual path keeps most of a token on itself: scaled to the rest
+            top = max(others.max().item(), 1e-6)
+            ax.imshow(
+                heat.view(g, g).cpu().numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=top, extent=(0, size, size, 0)
+            )
             ax.set_title(f"stage {k + 1} rollout, centre" if row == 0 else "", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
@@ -235,3 +243,27 @@ def first_images(loader: Any, count: int) -> torch.Tensor:
     if not chosen:
         raise ValueError("the validation split has no labelled images")
     return torch.stack(chosen[:count])
+
+
+def attention_summary(model: nn.Module, images: torch.Tensor, model_input: Callable) -> dict[str, float]:
+    """Numbers behind the picture, over `images`: the mean shift entropy (0-1) and length of the
+    expected shift (tokens) of the local shift attention, and the mean distance (tokens) between a
+    query and what stage 1's global attention weighs, beside that of uniform attention."""
+    model.eval()
+    with torch.no_grad(), record_attention(model) as kept:
+        model(model_input(images))
+    names = [name for name, _ in model.blocks()]
+    shift_w, grid = kept[names[0]], model.cfg.grid_sizes[0]
+    out = {
+        "shift_entropy": shift_entropy(shift_w).mean().item(),
+        "expected_shift_tokens": expected_shift(shift_w, model.cfg.shifts).norm(dim=-1).mean().item(),
+    }
+    stage1 = _stages(model, kept)[0]
+    if stage1:
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        cells = torch.stack([ys, xs], dim=-1).view(-1, 2).float()
+        distance = torch.cdist(cells, cells)  # (N, N) in tokens
+        weights = stage1[-1].float().mean(dim=1)  # (B, N, N), heads averaged
+        out["global_distance_tokens"] = (weights * distance).sum(-1).mean().item()
+        out["uniform_distance_tokens"] = distance.mean().item()
+    return out

@@ -83,7 +83,7 @@ def test_fashion_benchmark_reports_each_evaluation_against_the_published_figures
     append_record(record, {"epoch": 1, "val/top1": 90.0}, 468)
     append_record(record, {"epoch": 2, "val/top1": 93.0}, 936)
     cmd = [sys.executable, "tools/benchmark_fashion.py", "--reuse", f"train.output_dir={tmp_path / 'runs'}"]
-    cmd += ["--json", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")]
+    cmd += ["--json", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png"), "--beside", str(run)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "best 0.9300 at epoch 2; 0.925 reached at epoch 2" in proc.stdout

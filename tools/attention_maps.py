@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsa_dist import cli  # noqa: E402
-from lsa_dist.attention import attention_grid, first_images  # noqa: E402
+from lsa_dist.attention import attention_grid, attention_summary, first_images  # noqa: E402
 from lsa_dist.checkpoint import CheckpointError  # noqa: E402
 from lsa_dist.config import load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (args.source.parent if args.source.is_file() else args.source) / "attention"
         path = attention_grid(model, images, loader.to_model_input, out / "attention.png", args.queries)
         print(f"wrote {path} ({len(images)} images)")
+        numbers = attention_summary(model, images, loader.to_model_input)
+        line = f"shift entropy {numbers['shift_entropy']:.3f} (0: one shift, 1: all alike), "
+        line += f"expected shift {numbers['expected_shift_tokens']:.2f} tokens"
+        if "global_distance_tokens" in numbers:
+            line += f", stage 1 global attention distance {numbers['global_distance_tokens']:.2f} tokens "
+            line += f"(uniform {numbers['uniform_distance_tokens']:.2f})"
+        print(line)
         return 0
     except cli.USER_ERRORS as err:
         return cli.fail(err)

@@ -67,7 +67,7 @@ def prepare_data(root: Path) -> None:
     subprocess.run([*convert, "--format", "wds", "--jpeg-quality", "95", "--samples-per-shard", "5000"], check=True)
 
 
-def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
+def plot(runs: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,13 +75,17 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, x, label in ((axes[0], "epoch", "epoch"), (axes[1], "minutes", "wall time (minutes)")):
-        ax.plot([r[x] for r in rows], [r["top1"] for r in rows], marker="o", color="C0", label="LSA (this run)")
+        for k, (label_of_run, rows) in enumerate(runs.items()):
+            ax.plot(
+                [r[x] for r in rows], [r["top1"] for r in rows], marker="os^"[k % 3], color=f"C{k}", label=label_of_run
+            )
         for k, (name, value) in enumerate(PUBLISHED.items()):
-            ax.axhline(value, color=f"C{k + 1}", linestyle="--", linewidth=1, label=f"{name}: {value:.3f}")
+            ax.axhline(value, color=f"C{k + len(runs)}", linestyle="--", linewidth=1, label=f"{name}: {value:.3f}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation top-1")
-    axes[0].set_ylim(min(0.8, min(r["top1"] for r in rows) - 0.01), 0.975)
+    lowest = min(r["top1"] for rows in runs.values() for r in rows)
+    axes[0].set_ylim(min(0.8, lowest - 0.01), 0.975)
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="read the run's metrics.jsonl; do not train")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and summary here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of top-1 against epochs and wall time")
+    parser.add_argument(
+        "--beside", type=Path, action="append", default=[], help="another finished run folder drawn in the plot too"
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(launch, check=True)
             total = (time.monotonic() - started) / 60
         rows = evaluations(run_dir)
+        beside = {folder.name: evaluations(folder) for folder in args.beside}
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(map(str, err.cmd[:3]))} ... exited {err.returncode}", file=sys.stderr)
         return 1
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
     if args.plot:
-        title = f"Fashion-MNIST validation top-1: {cfg.model.name}, {cfg.optim.epochs} epochs ({run_dir.name})"
-        plot(rows, args.plot, title)
+        runs = {run_dir.name: rows} | beside
+        plot(runs, args.plot, f"Fashion-MNIST validation top-1, LSA of the demo's size, {cfg.optim.epochs} epochs")
         print(f"wrote {args.plot}")
     return 0
 
