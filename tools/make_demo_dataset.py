@@ -115,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    return report(lambda: make_demo_dataset(args.out, args.val_fraction, args.seed, args.size), args.out)
+
+
+def report(write: Callable[[], dict[str, int]], out: Path, errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a dataset writer for a command line: its counts on success; one `error:` line and exit 2
+    for a folder it may not replace or one of `errors`."""
     try:
-        counts = make_demo_dataset(args.out, args.val_fraction, args.seed, args.size)
-    except NotOursError as err:
+        counts = write()
+    except (NotOursError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {counts['train']} training and {counts['val']} validation images to {args.out}")
+    print(f"wrote {counts['train']} training and {counts['val']} validation images to {out}")
     return 0
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_dataset import NotOursError, replace_folder  # noqa: E402
+from make_demo_dataset import replace_folder, report  # noqa: E402
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -120,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit_per_class < 0:
         parser.error("--limit-per-class must be 0 or more")
-    try:
-        counts = make_fashion_dataset(args.out, args.src, args.limit_per_class)
-    except (NotOursError, SourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {counts['train']} training and {counts['val']} validation images to {args.out}")
-    return 0
+    return report(lambda: make_fashion_dataset(args.out, args.src, args.limit_per_class), args.out, (SourceError,))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #       the compare view of the experiment's latest 10 runs
 #   tools/screenshot_mlflow.sh artifact EXPERIMENT RUN_NAME ARTIFACT [OUT.png] [BACKEND_URI]
 #       the artifact view of one run (the latest named RUN_NAME), ARTIFACT selected,
-#       e.g. attention/step_00000690.png
+#       e.g. attention/step_00000660.png
 #     EXPERIMENT   default lsa_demo
 #     OUT.png      default runs/mlflow_<page>.png
 #     BACKEND_URI  default sqlite:///$PWD/mlflow.db (what training uses)
