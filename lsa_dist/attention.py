@@ -84,6 +84,19 @@ def _stages(model: nn.Module, kept: dict[str, torch.Tensor]) -> list[list[torch.
     return out
 
 
+def attention_weights(model: nn.Module, images: torch.Tensor, model_input: Callable) -> dict[str, torch.Tensor]:
+    """The attention weights of every block of `model` in evaluation on `images` (uint8, turned
+    into the model's input by `model_input`); the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_attention(model) as kept:
+            model(model_input(images))
+    finally:
+        model.train(was_training)
+    return kept
+
+
 def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable, path: Path, queries: int = 3) -> Path:
     """A PNG at `path`: one row per image of `images` (uint8, (B, 3, H, W)) and the columns
     - the image;
@@ -99,84 +112,41 @@ def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), record_attention(model) as kept:
-            model(model_input(images))
-    finally:
-        model.train(was_training)
-    names = [name for name, _ in model.blocks()]
-    shift_w = kept[names[0]]
-    grid = model.cfg.grid_sizes[0]
+    kept = attention_weights(model, images, model_input)
+    shift_w, grid = kept[next(name for name, _ in model.blocks())], model.cfg.grid_sizes[0]
     stages = _stages(model, kept)
     shift = expected_shift(shift_w, model.cfg.shifts).view(-1, grid, grid, 2)
     entropy = shift_entropy(shift_w).view(-1, grid, grid)
     n = grid * grid
     picks = [n // 2 + grid // 2, grid // 4 * grid + grid // 4, (3 * grid // 4) * grid + 3 * grid // 4][:queries]
-    rolled = [rollout(w) if w else None for w in stages]
-    columns = 3 + len(picks) + sum(r is not None for r in rolled)
+    rolled = [(k, rollout(w)) for k, w in enumerate(stages) if w]
+    last = stages[0][-1] if stages[0] else None
+    columns = 3 + len(picks) + len(rolled)
     fig, axes = plt.subplots(len(images), columns, figsize=(2.2 * columns, 2.3 * len(images) + 0.6), squeeze=False)
     size = images.shape[-1]
     for row, image in enumerate(images):
         shown = image.permute(1, 2, 0).cpu().numpy()
         cells = iter(axes[row])
-        ax = next(cells)
-        ax.imshow(shown)
-        ax.set_title("image" if row == 0 else "")
-        ax = next(cells)
-        ax.imshow(shown, alpha=0.6)
-        step = max(1, grid // 16)
-        ys, xs = torch.meshgrid(torch.arange(0, grid, step), torch.arange(0, grid, step), indexing="ij")
-        cell = size / grid
-        vec = shift[row, ::step, ::step]
-        scale = 0.9 * cell * step / max(vec.abs().max().item(), 1e-6)
-        ax.quiver(
-            (xs + 0.5) * cell,
-            (ys + 0.5) * cell,
-            vec[..., 1] * scale,
-            -vec[..., 0] * scale,
-            color="red",
-            angles="xy",
-            scale_units="xy",
-            scale=1,
-            width=0.006,
-        )
-        ax.set_title("expected shift (arrows)" if row == 0 else "")
-        ax = next(cells)
+        _panel(next(cells), shown, "image", row)
+        scale = _arrows(_panel(next(cells), shown, "expected shift (arrows)", row, alpha=0.6), shift[row], size)
+        ax = _panel(next(cells), None, "shift entropy", row)
         im = ax.imshow(entropy[row].cpu().numpy(), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title("shift entropy" if row == 0 else "")
         if row == 0:
             fig.colorbar(im, ax=ax, fraction=0.046)
-        last = stages[0][-1] if stages[0] else None
         for q in picks:
-            ax = next(cells)
-            ax.imshow(shown)
+            ax = _panel(next(cells), shown, f"stage 1 global, query {q}", row)
             if last is not None:
-                heat = last[row].float().mean(0)[q].view(grid, grid).cpu().numpy()
-                ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, size, size, 0))
+                _heat(ax, last[row].float().mean(0)[q], size)
+            cell = size / grid
             ax.plot([(q % grid + 0.5) * cell], [(q // grid + 0.5) * cell], marker="x", color="cyan", markersize=8)
-            ax.set_title(f"stage 1 global, query {q}" if row == 0 else "", fontsize=8)
-        for k, r in enumerate(rolled):
-            if r is None:
-                continue
-            ax = next(cells)
+        for k, r in rolled:
             g = model.cfg.grid_sizes[k]
             centre = (g // 2) * g + g // 2
-            ax.imshow(shown)
-            heat = r[row, centre].clone()
-            others = heat.clone()
+            others = r[row, centre].clone()
             others[centre] = 0  # the residual path keeps most of a token on itself: scaled to the rest
-            top = max(others.max().item(), 1e-6)
-            ax.imshow(
-                heat.view(g, g).cpu().numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=top, extent=(0, size, size, 0)
-            )
-            ax.set_title(f"stage {k + 1} rollout, centre" if row == 0 else "", fontsize=8)
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _heat(_panel(next(cells), shown, f"stage {k + 1} rollout, centre", row), r[row, centre], size, others.max())
     fig.suptitle(
-        f"LSA attention: arrows = expected shift of the local shift attention (x{scale / cell:.0f}); "
+        f"LSA attention: arrows = expected shift of the local shift attention (x{scale:.0f}); "
         "entropy 0 = one shift, 1 = all alike; heat = attention weight (x = query)",
         fontsize=8,
     )
@@ -185,6 +155,39 @@ def attention_grid(model: nn.Module, images: torch.Tensor, model_input: Callable
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _panel(ax: Any, shown: Any, title: str, row: int, alpha: float = 1.0) -> Any:
+    """One cell of the grid: the image (if any), no ticks, the column's title on the first row."""
+    if shown is not None:
+        ax.imshow(shown, alpha=alpha)
+    ax.set_title(title if row == 0 else "", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
+def _arrows(ax: Any, shift: torch.Tensor, size: int) -> float:
+    """The expected shift (grid, grid, 2) as arrows over an image of `size` px; returns the factor
+    the arrows are drawn larger by (the longest spans 0.9 of a token)."""
+    grid = shift.shape[0]
+    step = max(1, grid // 16)
+    ys, xs = torch.meshgrid(torch.arange(0, grid, step), torch.arange(0, grid, step), indexing="ij")
+    cell = size / grid
+    vec = shift[::step, ::step]
+    scale = 0.9 * step / max(vec.abs().max().item(), 1e-6)
+    x, y = (xs + 0.5) * cell, (ys + 0.5) * cell
+    u, v = vec[..., 1] * scale * cell, -vec[..., 0] * scale * cell
+    ax.quiver(x, y, u, v, color="red", angles="xy", scale_units="xy", scale=1, width=0.006)
+    return scale
+
+
+def _heat(ax: Any, weights: torch.Tensor, size: int, top: torch.Tensor | float | None = None) -> None:
+    """Weights over a square token grid as a heat map over the image, coloured up to `top`."""
+    g = math.isqrt(weights.numel())
+    vmax = None if top is None else max(float(top), 1e-6)
+    heat = weights.view(g, g).float().cpu().numpy()
+    ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0 if vmax else None, vmax=vmax, extent=(0, size, size, 0))
 
 
 class EvaluationPictures:
@@ -249,11 +252,8 @@ def attention_summary(model: nn.Module, images: torch.Tensor, model_input: Calla
     """Numbers behind the picture, over `images`: the mean shift entropy (0-1) and length of the
     expected shift (tokens) of the local shift attention, and the mean distance (tokens) between a
     query and what stage 1's global attention weighs, beside that of uniform attention."""
-    model.eval()
-    with torch.no_grad(), record_attention(model) as kept:
-        model(model_input(images))
-    names = [name for name, _ in model.blocks()]
-    shift_w, grid = kept[names[0]], model.cfg.grid_sizes[0]
+    kept = attention_weights(model, images, model_input)
+    shift_w, grid = kept[next(name for name, _ in model.blocks())], model.cfg.grid_sizes[0]
     out = {
         "shift_entropy": shift_entropy(shift_w).mean().item(),
         "expected_shift_tokens": expected_shift(shift_w, model.cfg.shifts).norm(dim=-1).mean().item(),
