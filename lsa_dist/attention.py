@@ -76,11 +76,12 @@ def rollout(stage_weights: list[torch.Tensor]) -> torch.Tensor:
 
 def _stages(model: nn.Module, kept: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
     """The kept global weights, grouped by stage, in block order."""
+    from .models.lsa import GlobalAttention
+
     out: list[list[torch.Tensor]] = [[] for _ in model.stages]
-    for name, _ in model.blocks():
-        stage = int(name.split(".")[1])
-        if kept[name].dim() == 4 and kept[name].shape[-1] == kept[name].shape[-2]:
-            out[stage].append(kept[name])
+    for name, block in model.blocks():
+        if isinstance(block.attn, GlobalAttention):
+            out[int(name.split(".")[1])].append(kept[name])
     return out
 
 

@@ -24,7 +24,7 @@ from lsa_dist.attention import attention_grid, attention_summary, first_images  
 from lsa_dist.checkpoint import CheckpointError  # noqa: E402
 from lsa_dist.config import load_config, model_overrides  # noqa: E402
 from lsa_dist.data import build_loader  # noqa: E402
-from lsa_dist.models import LSA, model_config  # noqa: E402
+from lsa_dist.models import LSA, create_model  # noqa: E402
 from lsa_dist.weights import export_fp32, find_checkpoint, load_model_file  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def load(source: Path, config: Path | None, overrides: list[str]) -> tuple[LSA, 
     folder = find_checkpoint(source)
     cfg = load_config(folder / "config.yaml", overrides)
     state, _ = export_fp32(folder)
-    model = LSA(model_config(cfg.model.name, **model_overrides(cfg, state["head.weight"].shape[0])))
+    model = create_model(cfg.model.name, **model_overrides(cfg, state["head.weight"].shape[0]))
     model.load_state_dict(state)
     return model, cfg
 
